@@ -1,0 +1,1 @@
+from .photos import BundledPhoto, bundled_photos
