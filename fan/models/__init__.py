@@ -1,0 +1,2 @@
+"""FAN model families; importing this package registers them with timm."""
+from .fan import *  # noqa: F401,F403

@@ -1,0 +1,574 @@
+""" Fully Attentional Networks (FAN): FAN-ViT and FAN-Hybrid
+
+Paper: `Understanding The Robustness in Vision Transformers` - https://arxiv.org/abs/2204.12451
+Official code and weights: https://github.com/NVlabs/FAN (NVIDIA Source Code License-NC; the weights are for
+non-commercial use). This file is an independent implementation written from the paper and a description of the
+official computation; it reproduces the official outputs and loads the released checkpoints as they are.
+
+Structure (XCiT-like): conv patch stem (or a 2-stage ConvNeXt for the hybrids) -> Fourier positional encoding ->
+FAN blocks (self-attention + efficient channel attention) -> 2 class-attention blocks -> norm -> linear head.
+"""
+import argparse
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerNorm2d, trunc_normal_, _assert
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_model_deprecations
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+from timm.models.convnext import ConvNeXtStage
+from timm.models.xcit import ClassAttentionBlock, ConvPatchEmbed, PositionalEncodingFourier
+
+from ..layers import FanBlock, FanSeBlock, OverlapPatchEmbed, map_to_tokens, tokens_to_map
+from ._checkpoint import unwrap_checkpoint, check_keys
+
+__all__ = ['Fan', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add each entrypoint fn to this
+
+IntOrSeq = Union[int, Sequence[int]]
+
+
+class LegacyLayerNorm2d(LayerNorm2d):
+    """LayerNorm over the channels of an NCHW map that normalises with the *unbiased* variance (divides by C - 1).
+
+    The released FAN-Hybrid weights were trained with timm 0.5.4, whose LayerNorm2d took this path for every
+    channels-last-strided input, i.e. every ConvNeXt norm after the stem. Loading those weights into a standard
+    (biased) LayerNorm2d changes the outputs, so the hybrids use this norm unless ``legacy_norm=False``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=1, unbiased=True, keepdim=True)
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class HybridBackbone(nn.Module):
+    """The ConvNeXt stem of FAN-Hybrid: k4 s4 conv + LayerNorm2d, then two ConvNeXt stages (128 and 256 channels).
+
+    Image (B, 3, H, W) -> stage maps [(B, 128, H/4, W/4), (B, 256, H/8, W/8)].
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            depths: Tuple[int, int] = (3, 3),
+            dims: Tuple[int, int] = (128, 256),
+            legacy_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        norm_layer = LegacyLayerNorm2d if legacy_norm else LayerNorm2d
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0]))
+        self.stages = nn.Sequential(*[
+            ConvNeXtStage(
+                dims[max(i - 1, 0)],
+                dims[i],
+                stride=1 if i == 0 else 2,
+                depth=depths[i],
+                ls_init_value=1e-6,
+                conv_mlp=True,
+                norm_layer=norm_layer,
+            )
+            for i in range(len(depths))])
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'patch_embed.backbone.stages.{i}')
+            for i in range(len(depths))]
+        self.apply(_init_convnext_weights)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        x = self.stem(x)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+
+def _init_convnext_weights(m: nn.Module) -> None:
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        trunc_normal_(m.weight, std=.02)
+        nn.init.zeros_(m.bias)
+
+
+class HybridEmbed(nn.Module):
+    """ConvNeXt backbone + 2x2 stride-2 projection: image (B, 3, H, W) -> tokens (B, H/16 * W/16, D) and the grid."""
+
+    def __init__(
+            self,
+            in_chans: int,
+            embed_dim: int,
+            depths: Tuple[int, int] = (3, 3),
+            legacy_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.backbone = HybridBackbone(in_chans, depths=depths, legacy_norm=legacy_norm)
+        self.proj = nn.Conv2d(self.backbone.feature_info[-1]['num_chs'], embed_dim, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        x = self.proj(self.backbone(x)[-1])
+        return map_to_tokens(x), (x.shape[-2], x.shape[-1])
+
+
+def _per_stage(value: IntOrSeq, num_stages: int, name: str) -> Tuple[int, ...]:
+    value = (value,) * num_stages if isinstance(value, int) else tuple(value)
+    if len(value) != num_stages:
+        raise ValueError(f'{name} gives {len(value)} values for {num_stages} stages')
+    return value
+
+
+class Fan(nn.Module):
+    """Fully Attentional Network (FAN-ViT and FAN-Hybrid).
+
+    ``embed_dim``, ``depth`` and ``num_heads`` are ints, or one value per stage; a new stage starts with a stride-2
+    ``OverlapPatchEmbed`` attached to the last block of the previous one (only FAN-XLarge-Hybrid has two stages).
+    ``forward_features`` returns every token, class token first, after the final norm: (B, 1 + N, C).
+    """
+
+    def __init__(
+            self,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'token',
+            embed_dim: IntOrSeq = 768,
+            depth: IntOrSeq = 12,
+            num_heads: IntOrSeq = 12,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            drop_rate: float = 0.,
+            pos_drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            act_layer: Optional[Type[nn.Module]] = None,
+            norm_layer: Optional[Type[nn.Module]] = None,
+            cls_attn_layers: int = 2,
+            use_pos_embed: bool = True,
+            eta: float = 1.,
+            tokens_norm: bool = True,
+            se_mlp: bool = False,
+            hybrid_depths: Optional[Tuple[int, int]] = None,
+            legacy_norm: bool = True,
+            head_init_scale: float = 1.,
+    ) -> None:
+        """
+        Args:
+            patch_size: Patch size of the conv stem (16 or 8); FAN-Hybrid always has stride 16.
+            in_chans: Number of image channels.
+            num_classes: Number of classes of the head (0 for no head).
+            global_pool: Pooling for the head: 'token' (class token), 'avg' (mean of patch tokens) or ''.
+            embed_dim: Token width, or one width per stage.
+            depth: Number of FAN blocks, or one number per stage.
+            num_heads: Attention heads (shared by token and channel attention), or one number per stage.
+            mlp_ratio: Hidden width of the MLPs relative to the token width.
+            qkv_bias: Biases in the q / kv projections of every attention.
+            drop_rate: Dropout before the head.
+            pos_drop_rate: Dropout after the positional encoding.
+            proj_drop_rate: Dropout after projections and MLPs.
+            attn_drop_rate: Dropout of attention weights and channel gates.
+            drop_path_rate: Stochastic depth rate, the same for every FAN block (as in the paper's training).
+            act_layer: Activation of the conv stem and the class-attention MLP (GELU).
+            norm_layer: Norm of the blocks, class attention and final norm (LayerNorm, eps 1e-6).
+            cls_attn_layers: Number of class-attention blocks.
+            use_pos_embed: Add the Fourier positional encoding to the patch tokens.
+            eta: Initial value of the per-channel layer scales.
+            tokens_norm: Class attention normalises all tokens, not only the class token.
+            se_mlp: Use the squeeze-excite MLP of the paper's ablation instead of the channel attention.
+            hybrid_depths: Depths of the two ConvNeXt stages of a FAN-Hybrid stem (None: the conv stem of FAN-ViT).
+            legacy_norm: Hybrid only: unbiased-variance ConvNeXt norms, as the released hybrid weights need.
+            head_init_scale: Scale of the initial head weights and bias.
+        """
+        super().__init__()
+        assert global_pool in ('', 'avg', 'token'), f'global_pool must be token, avg or empty, got {global_pool!r}'
+        num_stages = 1 if isinstance(depth, int) else len(depth)
+        depths = _per_stage(depth, num_stages, 'depth')
+        dims = _per_stage(embed_dim, num_stages, 'embed_dim')
+        heads = _per_stage(num_heads, num_stages, 'num_heads')
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        act_layer = act_layer or nn.GELU
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = dims[-1]
+        self.num_prefix_tokens = 1
+        self.grad_checkpointing = False
+
+        if hybrid_depths is not None:
+            self.patch_embed = HybridEmbed(in_chans, dims[0], depths=hybrid_depths, legacy_norm=legacy_norm)
+            self.patch_size = 16
+            stem_info = self.patch_embed.backbone.feature_info
+        else:
+            if patch_size not in (8, 16):
+                raise ValueError(f'patch_size must be 8 or 16 for the conv stem, got {patch_size}')
+            self.patch_embed = ConvPatchEmbed(
+                patch_size=patch_size, in_chans=in_chans, embed_dim=dims[0], act_layer=act_layer)
+            self.patch_size = patch_size
+            stem_info = []
+        self.pos_embed = PositionalEncodingFourier(dim=dims[0]) if use_pos_embed else None
+        self.pos_drop = nn.Dropout(p=pos_drop_rate)
+
+        block_layer = FanSeBlock if se_mlp else FanBlock
+        blocks = []
+        self.feature_info = list(stem_info)
+        reduction = self.patch_size
+        for stage, (stage_depth, dim, stage_heads) in enumerate(zip(depths, dims, heads)):
+            for i in range(stage_depth):
+                last_of_stage = i == stage_depth - 1 and stage + 1 < num_stages
+                blocks.append(block_layer(
+                    dim=dim,
+                    num_heads=stage_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=drop_path_rate,
+                    norm_layer=norm_layer,
+                    eta=eta,
+                    downsample=OverlapPatchEmbed(dim, dims[stage + 1]) if last_of_stage else None,
+                ))
+                if last_of_stage:
+                    reduction *= 2
+                self.feature_info.append(dict(
+                    num_chs=dims[stage + 1] if last_of_stage else dim,
+                    reduction=reduction,
+                    module=f'blocks.{len(blocks) - 1}',
+                ))
+        self.blocks = nn.ModuleList(blocks)
+        self.num_stem_features = len(stem_info)
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[-1]))
+        self.cls_attn_blocks = nn.ModuleList([
+            ClassAttentionBlock(
+                dim=dims[-1],
+                num_heads=heads[-1],
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                act_layer=act_layer,
+                norm_layer=norm_layer,
+                eta=eta,
+                tokens_norm=tokens_norm,
+            )
+            for _ in range(cls_attn_layers)])
+        self.norm = norm_layer(dims[-1])
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        trunc_normal_(self.cls_token, std=.02)
+        self.apply(self._init_weights)
+        if isinstance(self.head, nn.Linear):
+            self.head.weight.data.mul_(head_init_scale)
+            self.head.bias.data.mul_(head_init_scale)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {'cls_token'} | {n for n, _ in self.named_parameters() if n.startswith('pos_embed.')}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^cls_token|pos_embed|patch_embed',
+            blocks=r'^blocks\.(\d+)',
+            cls_attn_blocks=[(r'^cls_attn_blocks\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        if isinstance(self.patch_embed, HybridEmbed):
+            for stage in self.patch_embed.backbone.stages:
+                stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            assert global_pool in ('', 'avg', 'token'), f'global_pool must be token, avg or empty, got {global_pool!r}'
+            assert global_pool != 'token' or self.num_prefix_tokens, 'token pooling needs the class token'
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+        """Image (B, C, H, W) -> patch tokens with positional encoding (B, N, D) and the grid (Hp, Wp)."""
+        B, _, height, width = x.shape
+        _assert(height % 16 == 0, f'input height {height} is not a multiple of 16')
+        _assert(width % 16 == 0, f'input width {width} is not a multiple of 16')
+        x, (Hp, Wp) = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + map_to_tokens(self.pos_embed(B, Hp, Wp))
+        return self.pos_drop(x), Hp, Wp
+
+    def _run_blocks(self, x: torch.Tensor, H: int, W: int) -> Tuple[torch.Tensor, int, int]:
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, H, W = checkpoint(blk, x, H, W)
+            else:
+                x, H, W = blk(x, H, W)
+        return x, H, W
+
+    def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, N, C) -> class token prepended and refined by class attention (B, 1 + N, C)."""
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        for blk in self.cls_attn_blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x)
+            else:
+                x = blk(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, H, W = self._embed(x)
+        x, H, W = self._run_blocks(x, H, W)
+        if self.cls_token is not None:
+            x = self.forward_cls(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool:
+            x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == 'avg' else x[:, 0]
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features of chosen levels: for a hybrid, the two ConvNeXt stages come first, then one per FAN block.
+
+        Args:
+            x: Images (B, C, H, W).
+            indices: Take the last n levels if int, all if None, the listed levels if a sequence.
+            norm: Apply the final norm to the block outputs.
+            stop_early: Stop after the last level taken.
+            output_fmt: 'NCHW' maps, or 'NLC' tokens (FAN blocks only; ConvNeXt stages are always maps).
+            intermediates_only: Return only the intermediates.
+        Returns:
+            The intermediates, or (forward_features output, intermediates).
+        """
+        assert output_fmt in ('NCHW', 'NLC'), 'output_fmt must be NCHW or NLC'
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        intermediates: List[torch.Tensor] = []
+        B, _, height, width = x.shape
+        _assert(height % 16 == 0, f'input height {height} is not a multiple of 16')
+        _assert(width % 16 == 0, f'input width {width} is not a multiple of 16')
+        num_stem = self.num_stem_features
+        if isinstance(self.patch_embed, HybridEmbed):
+            stage_maps = self.patch_embed.backbone(x)
+            for i, stage_map in enumerate(stage_maps):
+                if i in take_indices:
+                    intermediates.append(stage_map)
+            x = self.patch_embed.proj(stage_maps[-1])
+            H, W = x.shape[-2], x.shape[-1]
+            x = map_to_tokens(x)
+        else:
+            x, (H, W) = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + map_to_tokens(self.pos_embed(B, H, W))
+        x = self.pos_drop(x)
+
+        last_block = max_index - num_stem if stop_early and not torch.jit.is_scripting() else len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            if i > last_block:
+                break
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, H, W = checkpoint(blk, x, H, W)
+            else:
+                x, H, W = blk(x, H, W)
+            if i + num_stem in take_indices:
+                y = self.norm(x) if norm else x
+                intermediates.append(tokens_to_map(y, H, W).contiguous() if output_fmt == 'NCHW' else y)
+
+        if intermediates_only:
+            return intermediates
+        if self.cls_token is not None:
+            x = self.forward_cls(x)
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks (and optionally the norm and class-attention head) not needed for these levels."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        self.blocks = self.blocks[:max(max_index - self.num_stem_features + 1, 0)]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.cls_attn_blocks = nn.ModuleList()
+            self.cls_token = None
+            self.num_prefix_tokens = 0
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: Fan) -> Dict[str, torch.Tensor]:
+    """Official FAN checkpoint (a training-checkpoint dict or a bare state dict) -> this model's state dict.
+
+    Unwraps ``state_dict_ema`` / ``state_dict`` / ``model``, strips ``module.``, renames the legacy ``pos_embeder.``,
+    splits a fused class-attention ``qkv`` into q, k, v, and raises a ``ValueError`` naming any missing or
+    unexpected keys (the classifier is left to timm, which drops it when ``num_classes`` differs).
+    """
+    state_dict = unwrap_checkpoint(state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('pos_embeder.'):
+            k = 'pos_embed.' + k[len('pos_embeder.'):]
+        if k.startswith('pos_embed.') and model.pos_embed is None:
+            continue
+        if k.startswith('cls_attn_blocks.') and '.attn.qkv.' in k:
+            prefix, kind = k.split('.attn.qkv.')
+            for name, part in zip('qkv', v.chunk(3, dim=0)):
+                out[f'{prefix}.attn.{name}.{kind}'] = part
+            continue
+        out[k] = v
+    check_keys(out, model)
+    return out
+
+
+def _create_fan(variant: str, pretrained: bool = False, **kwargs) -> Fan:
+    # features_only: the last 3 blocks of FAN-ViT; the stride 4 / 8 / 16 maps of FAN-Hybrid
+    hybrid = kwargs.get('hybrid_depths') is not None
+    out_indices = kwargs.pop('out_indices', (0, 1, -1) if hybrid else 3)
+    # released checkpoints are training checkpoints that pickle their argparse.Namespace; allow that class only
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return build_model_with_cfg(
+            Fan,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs,
+        )
+
+
+_RELEASE_URL = 'https://github.com/zhoudaquan/fully_attentional_network_ckpt/releases/download/v1.0.0/'
+_LICENSE = 'nvidia-source-code-license-nc'
+
+
+def _cfg(file: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': _RELEASE_URL + file if file else '',
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': 1.0, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj.0.0', 'classifier': 'head',
+        'license': _LICENSE if file else None,
+        'paper_ids': 'arXiv:2204.12451', 'paper_name': 'Understanding The Robustness in Vision Transformers',
+        'origin_url': 'https://github.com/NVlabs/FAN',
+        **kwargs,
+    }
+
+
+_hybrid_cfg = partial(_cfg, first_conv='patch_embed.backbone.stem.0')
+
+default_cfgs = generate_default_cfgs({
+    # FAN-ViT
+    'fan_tiny_12_p16_224.nv_in1k': _cfg('fan_vit_tiny.pth.tar'),
+    'fan_small_12_p16_224.nv_in1k': _cfg('fan_vit_small.pth.tar'),
+    'fan_base_18_p16_224.nv_in1k': _cfg('fan_vit_base.pth.tar'),
+    'fan_large_24_p16_224': _cfg(),
+    'fan_small_12_p16_224_se_attn': _cfg(),
+
+    # FAN-Hybrid (ConvNeXt stem)
+    'fan_tiny_8_p4_hybrid.nv_in1k': _hybrid_cfg('fan_hybrid_tiny.pth.tar'),
+    'fan_small_12_p4_hybrid.nv_in1k': _hybrid_cfg('fan_hybrid_small.pth.tar'),
+    'fan_base_16_p4_hybrid.nv_in1k': _hybrid_cfg('fan_hybrid_base.pth.tar'),
+    'fan_base_16_p4_hybrid.nv_in22k_ft_in1k': _hybrid_cfg('fan_hybrid_base_in22k_1k.pth.tar'),
+    'fan_base_16_p4_hybrid.nv_in22k_ft_in1k_384': _hybrid_cfg(
+        'fan_hybrid_base_in22k_1k_384.pth.tar', input_size=(3, 384, 384)),
+    'fan_base_16_p4_hybrid.nv_in22k': _hybrid_cfg('fan_hybrid_base_in22k.pth.tar', num_classes=19167),
+    'fan_large_16_p4_hybrid.nv_in22k_ft_in1k': _hybrid_cfg('fan_hybrid_large_in22k_1k.pth.tar'),
+    'fan_large_16_p4_hybrid.nv_in22k_ft_in1k_384': _hybrid_cfg(
+        'fan_hybrid_large_in22k_1k_384.pth.tar', input_size=(3, 384, 384)),
+    'fan_large_16_p4_hybrid.nv_in22k': _hybrid_cfg('fan_hybrid_large_in22k.pth.tar', num_classes=19167),
+    'fan_xlarge_16_p4_hybrid': _hybrid_cfg(),
+})
+
+
+@register_model
+def fan_tiny_12_p16_224(pretrained: bool = False, **kwargs) -> Fan:
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=4)
+    return _create_fan('fan_tiny_12_p16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_small_12_p16_224(pretrained: bool = False, **kwargs) -> Fan:
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=8)
+    return _create_fan('fan_small_12_p16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_base_18_p16_224(pretrained: bool = False, **kwargs) -> Fan:
+    model_args = dict(patch_size=16, embed_dim=448, depth=18, num_heads=8)
+    return _create_fan('fan_base_18_p16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_large_24_p16_224(pretrained: bool = False, **kwargs) -> Fan:
+    model_args = dict(patch_size=16, embed_dim=480, depth=24, num_heads=10)
+    return _create_fan('fan_large_24_p16_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_small_12_p16_224_se_attn(pretrained: bool = False, **kwargs) -> Fan:
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=8, se_mlp=True)
+    return _create_fan('fan_small_12_p16_224_se_attn', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_tiny_8_p4_hybrid(pretrained: bool = False, **kwargs) -> Fan:
+    model_args = dict(embed_dim=192, depth=8, num_heads=8, hybrid_depths=(3, 3))
+    return _create_fan('fan_tiny_8_p4_hybrid', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_small_12_p4_hybrid(pretrained: bool = False, **kwargs) -> Fan:
+    model_args = dict(embed_dim=384, depth=10, num_heads=8, hybrid_depths=(3, 3))
+    return _create_fan('fan_small_12_p4_hybrid', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_base_16_p4_hybrid(pretrained: bool = False, **kwargs) -> Fan:
+    model_args = dict(embed_dim=448, depth=16, num_heads=8, hybrid_depths=(3, 3))
+    return _create_fan('fan_base_16_p4_hybrid', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_large_16_p4_hybrid(pretrained: bool = False, **kwargs) -> Fan:
+    model_args = dict(embed_dim=480, depth=22, num_heads=10, hybrid_depths=(3, 5), head_init_scale=0.001)
+    return _create_fan('fan_large_16_p4_hybrid', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_xlarge_16_p4_hybrid(pretrained: bool = False, **kwargs) -> Fan:
+    model_args = dict(embed_dim=(528, 768), depth=(20, 3), num_heads=(11, 16), hybrid_depths=(3, 7))
+    return _create_fan('fan_xlarge_16_p4_hybrid', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+register_model_deprecations(__name__, {
+    'fan_Xlarge_16_p4_hybrid': 'fan_xlarge_16_p4_hybrid',  # the official spelling
+})
