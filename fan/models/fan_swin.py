@@ -1,0 +1,198 @@
+""" FAN-Swin: Swin Transformer whose first three stages use FAN's channel attention as their MLP
+
+Paper: `Understanding The Robustness in Vision Transformers` - https://arxiv.org/abs/2204.12451
+Official code: https://github.com/NVlabs/FAN (NVIDIA Source Code License-NC). No FAN-Swin weights were released.
+
+Built on timm's Swin Transformer (patch 4, window 7, shifted windows, relative position bias): in stages with
+channel attention each block's MLP is a ``ChannelAttention`` over the whole stage map (not per window) whose
+depthwise-conv MLP has no inner residual; the last stage keeps the plain MLP. Official checkpoints use the
+timm 0.5.4 Swin layout (patch merging at the end of a stage, ``head.weight``); the filter maps them.
+"""
+from typing import Any, Dict, Tuple, Type
+
+import torch
+import torch.nn as nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import calculate_drop_path_rates, to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    SwinTransformerBlock,
+    checkpoint_filter_fn as swin_checkpoint_filter_fn,
+)
+
+from ..layers import ChannelAttention
+from ._checkpoint import check_keys, unwrap_checkpoint
+
+__all__ = ['FanSwin', 'FanSwinBlock']  # model_registry will add each entrypoint fn to this
+
+
+class FanSwinBlock(SwinTransformerBlock):
+    """Swin block (B, H, W, C) -> (B, H, W, C) whose MLP is FAN's channel attention over the whole map."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            **kwargs,
+    ) -> None:
+        super().__init__(
+            dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
+            attn_drop=attn_drop, **kwargs)
+        self.mlp = ChannelAttention(
+            dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, drop=proj_drop,
+            mlp_residual=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = x.reshape(B, -1, C)
+        x = x + self.drop_path2(self.mlp(self.norm2(x), H, W))
+        return x.reshape(B, H, W, C)
+
+
+class FanSwin(SwinTransformer):
+    """Swin Transformer with FAN channel attention in the stages flagged by ``channel_attn``.
+
+    The model runs at the image size it is built for (``img_size``, default 224): any multiple of 32 (the total
+    stride), e.g. ``timm.create_model('fan_swin_tiny_patch4_window7_224', img_size=384)``. Feature maps have
+    strides 4, 8, 16 and 32.
+    """
+
+    def __init__(
+            self,
+            img_size: int = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 96,
+            depths: Tuple[int, ...] = (2, 2, 6, 2),
+            num_heads: Tuple[int, ...] = (3, 6, 12, 24),
+            channel_attn: Tuple[bool, ...] = (True, True, True, False),
+            window_size: int = 7,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.1,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+    ) -> None:
+        """
+        Args:
+            img_size: Input size, a multiple of 32 (int or (H, W)).
+            in_chans: Number of image channels.
+            num_classes: Number of classes of the head (0 for no head).
+            global_pool: Pooling for the head ('avg' or '').
+            embed_dim: Width of the first stage (doubled at each stage).
+            depths: Blocks per stage.
+            num_heads: Attention heads per stage (used by window and channel attention).
+            channel_attn: Per stage, whether the MLP is FAN's channel attention.
+            window_size: Attention window size.
+            mlp_ratio: Hidden width of the MLPs relative to the block width.
+            qkv_bias: Biases in the qkv projections.
+            drop_rate: Dropout before the head.
+            proj_drop_rate: Dropout after projections and MLPs.
+            attn_drop_rate: Dropout of attention weights and channel gates.
+            drop_path_rate: Stochastic depth rate, a linear ramp over all blocks.
+            norm_layer: Norm layer.
+        """
+        img_size = to_2tuple(img_size)
+        if img_size[0] % 32 or img_size[1] % 32:
+            raise ValueError(f'FAN-Swin needs an img_size that is a multiple of 32, got {img_size}')
+        if not len(depths) == len(num_heads) == len(channel_attn):
+            raise ValueError('depths, num_heads and channel_attn need one value per stage')
+        # timm builds patch embedding, patch merging, norm and head; the blocks are added below
+        super().__init__(
+            img_size=img_size, patch_size=4, in_chans=in_chans, num_classes=num_classes, global_pool=global_pool,
+            embed_dim=embed_dim, depths=(0,) * len(depths), num_heads=num_heads, window_size=window_size,
+            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_rate=drop_rate, norm_layer=norm_layer, weight_init='skip')
+        drop_path_rates = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)
+        for i, (stage, depth, heads, use_channel_attn, rates) in enumerate(zip(
+                self.layers, depths, num_heads, channel_attn, drop_path_rates)):
+            block_layer = FanSwinBlock if use_channel_attn else SwinTransformerBlock
+            stage.blocks = nn.Sequential(*[
+                block_layer(
+                    dim=embed_dim * 2 ** i,
+                    input_resolution=stage.output_resolution,
+                    num_heads=heads,
+                    window_size=window_size,
+                    shift_size=0 if j % 2 == 0 else window_size // 2,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=rates[j],
+                    norm_layer=norm_layer,
+                )
+                for j in range(depth)])
+        self.init_weights(mode='', needs_reset=False)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: FanSwin) -> Dict[str, torch.Tensor]:
+    """Official FAN-Swin checkpoint (timm 0.5.4 Swin layout, training-checkpoint dict or bare) -> this model."""
+    state_dict = swin_checkpoint_filter_fn(unwrap_checkpoint(state_dict), model)
+    check_keys(state_dict, model)
+    return state_dict
+
+
+def _create_fan_swin(variant: str, pretrained: bool = False, **kwargs) -> FanSwin:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        FanSwin,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head.fc',
+        'paper_ids': 'arXiv:2204.12451', 'paper_name': 'Understanding The Robustness in Vision Transformers',
+        'origin_url': 'https://github.com/NVlabs/FAN',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'fan_swin_tiny_patch4_window7_224': _cfg(),
+    'fan_swin_small_patch4_window7_224': _cfg(),
+    'fan_swin_base_patch4_window7_224': _cfg(),
+    'fan_swin_large_patch4_window7_224': _cfg(),
+})
+
+
+@register_model
+def fan_swin_tiny_patch4_window7_224(pretrained: bool = False, **kwargs) -> FanSwin:
+    model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+    return _create_fan_swin('fan_swin_tiny_patch4_window7_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_swin_small_patch4_window7_224(pretrained: bool = False, **kwargs) -> FanSwin:
+    model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+    return _create_fan_swin('fan_swin_small_patch4_window7_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> FanSwin:
+    model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+    return _create_fan_swin('fan_swin_base_patch4_window7_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_swin_large_patch4_window7_224(pretrained: bool = False, **kwargs) -> FanSwin:
+    model_args = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+    return _create_fan_swin('fan_swin_large_patch4_window7_224', pretrained=pretrained, **dict(model_args, **kwargs))
