@@ -1,0 +1,236 @@
+"""FAN models: golden outputs of the official implementation, checkpoint loading, the timm model interface."""
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import fan  # noqa: F401
+from fan.models.fan import LegacyLayerNorm2d
+from fan.zoo import count_params
+
+CONFORMANCE = Path(__file__).parent / 'conformance'
+_spec = importlib.util.spec_from_file_location('recipe', CONFORMANCE / 'recipe.py')
+recipe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(recipe)
+
+OFFICIAL_PARAMS = {
+    'fan_tiny_12_p16_224': 7_319_920,
+    'fan_small_12_p16_224': 28_345_336,
+    'fan_base_18_p16_224': 54_350_320,
+    'fan_large_24_p16_224': 80_574_100,
+    'fan_small_12_p16_224_se_attn': 27_452_440,
+    'fan_tiny_8_p4_hybrid': 7_467_240,
+    'fan_small_12_p4_hybrid': 26_117_944,
+    'fan_base_16_p4_hybrid': 50_475_048,
+    'fan_large_16_p4_hybrid': 76_855_140,
+    'fan_xlarge_16_p4_hybrid': 120_407_316,
+    'fan_swin_tiny_patch4_window7_224': 29_538_940,
+    'fan_swin_small_patch4_window7_224': 53_064_220,
+    'fan_swin_base_patch4_window7_224': 93_599_448,
+    'fan_swin_large_patch4_window7_224': 208_941_136,
+}
+GOLDEN = ['fan_tiny_12_p16_224', 'fan_tiny_8_p4_hybrid', 'fan_swin_tiny_patch4_window7_224']
+
+
+def golden(name):
+    return json.loads((CONFORMANCE / f'{name}.json').read_text())
+
+
+def released_file(tmp_path, state_dict, name, wrap='saver'):
+    """Save a state dict the way checkpoints are released (timm CheckpointSaver dict with an argparse.Namespace)."""
+    if wrap == 'saver':
+        obj = {'state_dict': state_dict, 'epoch': 299, 'arch': name, 'version': 2, 'metric': 79.2,
+               'args': argparse.Namespace(model=name, lr=2e-3), 'optimizer': {'state': {}, 'param_groups': []}}
+    elif wrap == 'ema':
+        obj = {'state_dict': {k: torch.zeros_like(v) for k, v in state_dict.items()}, 'state_dict_ema': state_dict,
+               'args': argparse.Namespace(model=name)}
+    elif wrap == 'ddp':
+        obj = {'model': {'module.' + k: v for k, v in state_dict.items()}}
+    else:
+        obj = state_dict
+    path = tmp_path / f'{name}.pth.tar'
+    torch.save(obj, path)
+    return path
+
+
+def test_registered_models_and_params():
+    assert set(timm.list_models('fan_*')) == set(OFFICIAL_PARAMS)
+    for name, params in OFFICIAL_PARAMS.items():
+        assert count_params(name) == params, name
+
+
+@pytest.mark.parametrize('name', GOLDEN)
+def test_conformance_with_official_outputs(tmp_path, name):
+    data = golden(name)
+    path = released_file(tmp_path, recipe.official_state_dict(data['keys']), name)
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = recipe.golden_input(data['input']['shape'], data['input']['seed'])
+    with torch.no_grad():
+        logits = model(x)
+        pre_logits = model.forward_head(model.forward_features(x), pre_logits=True)
+    for ours, ref in ((logits, torch.tensor(data['logits'])), (pre_logits, torch.tensor(data['pre_logits']))):
+        assert ours.shape == ref.shape
+        assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    assert sum(p.numel() for p in model.parameters()) == data['params']
+
+
+@pytest.mark.parametrize('wrap', ['ema', 'ddp', 'bare'])
+def test_checkpoint_wrappings_load(tmp_path, wrap):
+    name = 'fan_tiny_12_p16_224'
+    data = golden(name)
+    state_dict = recipe.official_state_dict(data['keys'])
+    path = released_file(tmp_path, state_dict, name, wrap)
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    torch.testing.assert_close(model.state_dict()['blocks.3.mlp.temperature'], state_dict['blocks.3.mlp.temperature'])
+
+
+def test_checkpoint_filter_splits_fused_class_attention_qkv():
+    name = 'fan_tiny_12_p16_224'
+    state_dict = recipe.official_state_dict(golden(name)['keys'])
+    fused = dict(state_dict)
+    for i in range(2):
+        for kind in ('weight', 'bias'):
+            fused[f'cls_attn_blocks.{i}.attn.qkv.{kind}'] = torch.cat(
+                [fused.pop(f'cls_attn_blocks.{i}.attn.{n}.{kind}') for n in 'qkv'])
+    fused['pos_embeder.token_projection.weight'] = fused.pop('pos_embed.token_projection.weight')
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=fused))
+    torch.testing.assert_close(model.state_dict()['cls_attn_blocks.1.attn.k.bias'],
+                               state_dict['cls_attn_blocks.1.attn.k.bias'])
+
+
+def test_checkpoint_with_wrong_keys_names_them(tmp_path):
+    name = 'fan_tiny_12_p16_224'
+    state_dict = recipe.official_state_dict(golden(name)['keys'])
+    del state_dict['blocks.5.mlp.q.weight']
+    state_dict['blocks.5.mlp.extra'] = torch.zeros(1)
+    path = released_file(tmp_path, state_dict, name)
+    with pytest.raises(ValueError, match=r'1 missing key\(s\) \[.blocks\.5\.mlp\.q\.weight.\].*blocks\.5\.mlp\.extra'):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+class NotAllowed:
+    pass
+
+
+def test_checkpoint_with_arbitrary_pickle_is_refused(tmp_path):
+    name = 'fan_tiny_12_p16_224'
+    path = tmp_path / 'evil.pth.tar'
+    torch.save({'state_dict': {}, 'payload': NotAllowed()}, path)
+    with pytest.raises(RuntimeError, match='weights_only'):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_pretrained_new_head_and_in_chans(tmp_path):
+    name = 'fan_tiny_8_p4_hybrid'
+    path = released_file(tmp_path, recipe.official_state_dict(golden(name)['keys']), name)
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              num_classes=10, in_chans=1)
+    assert model(torch.randn(1, 1, 64, 64)).shape == (1, 10)
+
+
+def test_pretrained_cfgs_point_at_the_release():
+    cfg = timm.get_pretrained_cfg('fan_base_16_p4_hybrid.nv_in22k_ft_in1k_384')
+    assert cfg.url.endswith('/v1.0.0/fan_hybrid_base_in22k_1k_384.pth.tar')
+    assert cfg.input_size == (3, 384, 384) and cfg.crop_pct == 1.0 and cfg.interpolation == 'bicubic'
+    assert timm.get_pretrained_cfg('fan_large_16_p4_hybrid.nv_in22k').num_classes == 19167
+    assert 'non-commercial' in cfg.license or 'nc' in cfg.license.lower()
+    assert set(timm.list_pretrained('fan_*')) >= {
+        'fan_tiny_12_p16_224.nv_in1k', 'fan_small_12_p16_224.nv_in1k', 'fan_base_18_p16_224.nv_in1k',
+        'fan_tiny_8_p4_hybrid.nv_in1k', 'fan_small_12_p4_hybrid.nv_in1k', 'fan_base_16_p4_hybrid.nv_in1k',
+        'fan_large_16_p4_hybrid.nv_in22k_ft_in1k_384', 'fan_base_16_p4_hybrid.nv_in22k'}
+
+
+def test_official_xlarge_spelling_is_a_deprecated_alias():
+    with pytest.warns(UserWarning, match='deprecated'):
+        model = timm.create_model('fan_Xlarge_16_p4_hybrid', depth=(1, 1), hybrid_depths=(1, 1))
+    assert model.feature_info[-1]['reduction'] == 32 and model.num_features == 768
+
+
+@pytest.mark.parametrize('name', ['fan_tiny_12_p16_224', 'fan_tiny_8_p4_hybrid'])
+def test_any_input_size_multiple_of_16(name):
+    model = timm.create_model(name, depth=2).eval()
+    x = torch.randn(1, 3, 80, 112)
+    assert model.forward_features(x).shape == (1, 1 + 5 * 7, model.num_features)
+    with pytest.raises(Exception, match='not a multiple of 16'):
+        model(torch.randn(1, 3, 80, 100))
+
+
+def test_swin_input_size_rule():
+    model = timm.create_model('fan_swin_tiny_patch4_window7_224', img_size=256, depths=(1, 1, 1, 1)).eval()
+    assert model(torch.randn(1, 3, 256, 256)).shape == (1, 1000)
+    with pytest.raises(Exception, match="doesn't match model"):
+        model(torch.randn(1, 3, 224, 224))
+    with pytest.raises(ValueError, match='multiple of 32'):
+        timm.create_model('fan_swin_tiny_patch4_window7_224', img_size=200)
+
+
+@pytest.mark.parametrize('name, strides', [
+    ('fan_tiny_12_p16_224', [16, 16, 16]),
+    ('fan_tiny_8_p4_hybrid', [4, 8, 16]),
+    ('fan_swin_tiny_patch4_window7_224', [4, 8, 16, 32]),
+])
+def test_features_only_strides(name, strides):
+    model = timm.create_model(name, features_only=True).eval()
+    assert model.feature_info.reduction() == strides
+    maps = model(torch.randn(1, 3, 224, 224))
+    for fmap, stride, chs in zip(maps, strides, model.feature_info.channels()):
+        assert fmap.shape == (1, chs, 224 // stride, 224 // stride)
+
+
+def test_forward_intermediates_match_forward_features():
+    model = timm.create_model('fan_tiny_8_p4_hybrid', depth=3).eval()
+    x = torch.randn(2, 3, 64, 96)
+    final, inter = model.forward_intermediates(x, indices=[0, 1, 4])
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert [t.shape for t in inter] == [(2, 128, 16, 24), (2, 256, 8, 12), (2, 192, 4, 6)]
+    assert model.prune_intermediate_layers([0, 1, 3]) == [0, 1, 3] and len(model.blocks) == 2
+
+
+def test_grad_checkpointing_same_output_and_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model('fan_tiny_12_p16_224', depth=2, drop_path_rate=0.)
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    ref.sum().backward()
+    ref_grad = model.blocks[0].mlp.q.weight.grad.clone()
+    model.zero_grad()
+    model.set_grad_checkpointing()
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(model.blocks[0].mlp.q.weight.grad, ref_grad)
+
+
+def test_model_interface():
+    model = timm.create_model('fan_tiny_12_p16_224', num_classes=0, global_pool='avg', drop_path_rate=0.1)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 192)
+    params = dict(model.named_parameters())
+    assert model.no_weight_decay() <= set(params)
+    assert 'pos_embed.token_projection.weight' in model.no_weight_decay()
+    assert {b.drop_path.drop_prob for b in model.blocks} == {0.1}  # uniform over depth, as trained
+    model.reset_classifier(7, 'token')
+    assert model.get_classifier().out_features == 7
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    assert len(groups) == 1 + 12 + 3
+
+
+def test_se_ablation_runs_forward_and_backward():
+    model = timm.create_model('fan_small_12_p16_224_se_attn', depth=2)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_hybrid_legacy_norm_is_selectable():
+    legacy = timm.create_model('fan_tiny_8_p4_hybrid', depth=1).eval()
+    modern = timm.create_model('fan_tiny_8_p4_hybrid', depth=1, legacy_norm=False).eval()
+    modern.load_state_dict(legacy.state_dict())
+    stage_norms = [m for m in legacy.patch_embed.backbone.stages.modules() if isinstance(m, LegacyLayerNorm2d)]
+    assert len(stage_norms) == 3 + 3 + 1  # block norms of both stages and the stage-1 downsample norm
+    assert not isinstance(legacy.patch_embed.backbone.stem[1], LegacyLayerNorm2d)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(legacy(x), modern(x))

@@ -1,0 +1,224 @@
+"""Each FAN layer against a naive implementation written from its formula (explicit loops, no shared code)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
+
+from fan.layers import ChannelAttention, DepthwiseConvMixer, DwConvMlp, FanBlock, OverlapPatchEmbed, SeMlp, TokenMixing
+from fan.models.fan import LegacyLayerNorm2d
+
+torch.manual_seed(0)
+ATOL = 1e-5
+
+
+def randomize(module: torch.nn.Module) -> torch.nn.Module:
+    """Random values for every parameter and BN statistic, so that no init value (ones, zeros) hides a mistake."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if t.dtype.is_floating_point:
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith('running_var')
+                        else 0.5 * torch.randn(t.shape, generator=g))
+    return module.eval()
+
+
+def gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def linear(x, layer):
+    return x @ layer.weight.T + layer.bias
+
+
+def layer_norm(x, layer, eps):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * layer.weight + layer.bias
+
+
+def depthwise3x3(img, conv):
+    """img (C, H, W); zero padding 1; out[c, i, j] = b[c] + sum_{u,v} w[c, u, v] img[c, i + u - 1, j + v - 1]."""
+    C, H, W = img.shape
+    padded = F.pad(img, (1, 1, 1, 1))
+    out = conv.bias[:, None, None].expand(C, H, W).clone()
+    for u in range(3):
+        for v in range(3):
+            out += conv.weight[:, 0, u, v][:, None, None] * padded[:, u:u + H, v:v + W]
+    return out
+
+
+def naive_mixer(tokens, mixer, H, W):
+    """tokens (N, C) of one image -> dwconv -> GELU -> BN (eval) -> dwconv -> (N, C)."""
+    img = tokens.T.reshape(-1, H, W)
+    y = gelu(depthwise3x3(img, mixer.conv1))
+    bn = mixer.bn
+    y = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    y = y * bn.weight[:, None, None] + bn.bias[:, None, None]
+    return depthwise3x3(y, mixer.conv2).reshape(img.shape[0], -1).T
+
+
+def naive_dwconv_mlp(tokens, mlp, H, W, residual=True):
+    y = linear(tokens, mlp.fc1)
+    mixed = mlp.gamma * naive_mixer(y, mlp.dwconv, H, W)
+    return linear(y + mixed if residual else mixed, mlp.fc2)
+
+
+def naive_channel_attention(tokens, ca, H, W, residual=True):
+    """Per head h and channel c: A = sigmoid(sum_n softmax_n(q)[n, c] * mean_c' softmax_n(x)[n, c']) * t[h]."""
+    N, C = tokens.shape
+    heads = ca.num_heads
+    d = C // heads
+    q = linear(tokens, ca.q)
+    gate = torch.empty(C)
+    for h in range(heads):
+        cols = slice(h * d, (h + 1) * d)
+        q_soft = torch.exp(q[:, cols]) / torch.exp(q[:, cols]).sum(0, keepdim=True)  # softmax over tokens
+        k_soft = torch.exp(tokens[:, cols]) / torch.exp(tokens[:, cols]).sum(0, keepdim=True)
+        k_mean = k_soft.mean(1)  # (N,)
+        for c in range(d):
+            gate[h * d + c] = torch.sigmoid((q_soft[:, c] * k_mean).sum()) * ca.temperature[h, 0, 0]
+    v = layer_norm(naive_dwconv_mlp(tokens, ca.mlp_v, H, W, residual), ca.norm_v, 1e-5)
+    return v * gate
+
+
+def naive_attention(tokens, attn):
+    N, C = tokens.shape
+    heads = attn.num_heads
+    d = C // heads
+    q = linear(tokens, attn.q)
+    kv = linear(tokens, attn.kv)
+    k, v = kv[:, :C], kv[:, C:]
+    out = torch.empty(N, C)
+    for h in range(heads):
+        cols = slice(h * d, (h + 1) * d)
+        logits = q[:, cols] @ k[:, cols].T / math.sqrt(d)
+        weights = torch.exp(logits - logits.max(1, keepdim=True).values)
+        weights = weights / weights.sum(1, keepdim=True)
+        out[:, cols] = weights @ v[:, cols]
+    return linear(out, attn.proj)
+
+
+H, W, C, HEADS = 5, 6, 16, 4
+
+
+@pytest.fixture
+def tokens():
+    return torch.randn(2, H * W, C)
+
+
+def test_depthwise_conv_mixer(tokens):
+    mixer = randomize(DepthwiseConvMixer(C))
+    out = mixer(tokens, H, W)
+    for b in range(2):
+        torch.testing.assert_close(out[b], naive_mixer(tokens[b], mixer, H, W), atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize('residual', [True, False])
+def test_dwconv_mlp(tokens, residual):
+    mlp = randomize(DwConvMlp(C, 3 * C, residual=residual))
+    out = mlp(tokens, H, W)
+    for b in range(2):
+        torch.testing.assert_close(out[b], naive_dwconv_mlp(tokens[b], mlp, H, W, residual), atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_token_mixing(tokens, fused):
+    attn = randomize(TokenMixing(C, num_heads=HEADS))
+    attn.fused_attn = fused
+    out = attn(tokens)
+    for b in range(2):
+        torch.testing.assert_close(out[b], naive_attention(tokens[b], attn), atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize('residual', [True, False])
+def test_channel_attention(tokens, residual):
+    ca = randomize(ChannelAttention(C, num_heads=HEADS, mlp_ratio=2., mlp_residual=residual))
+    out = ca(tokens, H, W)
+    for b in range(2):
+        torch.testing.assert_close(
+            out[b], naive_channel_attention(tokens[b], ca, H, W, residual), atol=ATOL, rtol=ATOL)
+
+
+def test_channel_gate_range(tokens):
+    """Each softmax column sums to 1 and the key mean lies in [0, 1]: the sigmoid argument is within [min k, max k]."""
+    ca = ChannelAttention(C, num_heads=HEADS).eval()
+    gate = ca.channel_gate(tokens)
+    assert gate.shape == (2, C)
+    assert (gate > 0.5 - 1e-6).all() and (gate < 1 / (1 + math.exp(-1))).all()
+
+
+def test_fan_block(tokens):
+    block = randomize(FanBlock(C, num_heads=HEADS, mlp_ratio=2.))
+    out, h, w = block(tokens, H, W)
+    assert (h, w) == (H, W)
+    for b in range(2):
+        x = tokens[b]
+        x = x + block.gamma1 * naive_attention(layer_norm(x, block.norm1, 1e-6), block.attn)
+        x = x + block.gamma2 * naive_channel_attention(layer_norm(x, block.norm2, 1e-6), block.mlp, H, W)
+        torch.testing.assert_close(out[b], x, atol=ATOL, rtol=ATOL)
+
+
+def test_se_mlp(tokens):
+    mlp = randomize(SeMlp(C, mlp_ratio=2.))
+    out = mlp(tokens, H, W)
+    for b in range(2):
+        y = naive_dwconv_mlp(tokens[b], mlp.mlp_v, H, W)  # (N, C)
+        se = mlp.se
+        pooled = y.mean(0)
+        hidden = torch.relu(se.conv_reduce.weight[:, :, 0, 0] @ pooled + se.conv_reduce.bias)
+        scale = torch.sigmoid(se.conv_expand.weight[:, :, 0, 0] @ hidden + se.conv_expand.bias)
+        torch.testing.assert_close(out[b], y * scale, atol=ATOL, rtol=ATOL)
+
+
+def test_overlap_patch_embed(tokens):
+    embed = randomize(OverlapPatchEmbed(C, 24))
+    out, h, w = embed(tokens, H, W)
+    assert (h, w) == (math.ceil(H / 2), math.ceil(W / 2))
+    img = tokens[0].T.reshape(C, H, W)
+    padded = F.pad(img, (1, 1, 1, 1))
+    for i in range(h):
+        for j in range(w):
+            patch = padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+            value = (embed.proj.weight * patch).sum((1, 2, 3)) + embed.proj.bias
+            expected = layer_norm(value, embed.norm, 1e-5)
+            torch.testing.assert_close(out[0, i * w + j], expected, atol=ATOL, rtol=ATOL)
+
+
+def test_legacy_layer_norm_2d_uses_unbiased_variance():
+    norm = randomize(LegacyLayerNorm2d(8))
+    x = torch.randn(2, 8, 3, 4)
+    mean = x.mean(1, keepdim=True)
+    var = ((x - mean) ** 2).sum(1, keepdim=True) / (8 - 1)
+    expected = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight[:, None, None] + norm.bias[:, None, None]
+    torch.testing.assert_close(norm(x), expected, atol=ATOL, rtol=ATOL)
+
+
+def test_fourier_positional_encoding():
+    """pos(y, x): 32 sin/cos channels per axis of 2*pi*n/(size + 1e-6) / 10000^(2*floor(i/2)/32), then a 1x1 conv."""
+    pos = randomize(PositionalEncodingFourier(dim=C))
+    Hp, Wp = 3, 5
+    out = pos(2, Hp, Wp)
+    features = torch.empty(64, Hp, Wp)
+    for i in range(32):
+        freq = 10000 ** (2 * (i // 2) / 32)
+        trig = math.sin if i % 2 == 0 else math.cos
+        for y in range(Hp):
+            for x in range(Wp):
+                features[i, y, x] = trig(2 * math.pi * (y + 1) / (Hp + 1e-6) / freq)
+                features[32 + i, y, x] = trig(2 * math.pi * (x + 1) / (Wp + 1e-6) / freq)
+    expected = torch.einsum('oc,chw->ohw', pos.token_projection.weight[:, :, 0, 0], features)
+    expected = expected + pos.token_projection.bias[:, None, None]
+    torch.testing.assert_close(out[1], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_class_attention_doubles_patch_tokens():
+    """The class-attention block of the released models (tokens_norm=True) returns 2 * norm2(x + g1 * norm1(x)) for
+    the patch tokens: the residual and the update share the patch part. The weights depend on it."""
+    block = randomize(ClassAttentionBlock(C, num_heads=HEADS, qkv_bias=True, eta=1., tokens_norm=True))
+    x = torch.randn(2, 7, C)
+    out = block(x)
+    n1 = layer_norm(x, block.norm1, 1e-5)
+    patch = layer_norm(x[:, 1:] + block.gamma1 * n1[:, 1:], block.norm2, 1e-5)
+    torch.testing.assert_close(out[:, 1:], 2 * patch, atol=ATOL, rtol=ATOL)

@@ -1,0 +1,72 @@
+"""Run timm's own ``tests/test_models.py`` on the FAN models only.
+
+While timm's test module is imported (its parametrisations call ``timm.list_models`` at import time),
+``list_models`` returns FAN models only, and the FAN models with token outputs join timm's non-standard family
+wherever timm names ``xcit_*``; our model modules join timm's list of modules with ``forward_intermediates``.
+Tests that do not run on a FAN model (timm's checks of specific timm models) are deselected, and so are the
+tests that download pretrained weights (no test fetches weights).
+"""
+from contextlib import contextmanager
+from typing import Iterator, List, Union
+from unittest import mock
+
+import pytest
+import timm
+import timm.models._registry as registry
+
+import fan  # noqa: F401  (registers the models)
+
+FAN_MODULES = ['fan', 'fan_swin']
+FAN_TOKEN_MODELS = ['fan_*_p16_224*', 'fan_*_hybrid*']  # token outputs, like xcit_*
+_list_models = registry.list_models
+FAN_MODELS = set(_list_models(module=FAN_MODULES))
+DOWNLOADING_TESTS = ('test_model_load_pretrained', 'test_model_features_pretrained')
+
+
+def _as_list(value: Union[str, List[str]]) -> List[str]:
+    return [value] if isinstance(value, str) and value else list(value or [])
+
+
+def fan_list_models(filter='', module='', pretrained=False, exclude_filters='', name_matches_cfg=False,
+                    include_tags=None) -> List[str]:
+    filters, exclude, modules = _as_list(filter), _as_list(exclude_filters), _as_list(module)
+    if 'xcit_*' in filters:
+        filters += FAN_TOKEN_MODELS
+    if 'xcit_*' in exclude:
+        exclude += FAN_TOKEN_MODELS
+    if 'xcit' in modules:
+        modules += FAN_MODULES
+    names = _list_models(filters or '', modules or '', pretrained, exclude or '', name_matches_cfg, include_tags)
+    return [n for n in names if n.split('.')[0] in FAN_MODELS]
+
+
+@contextmanager
+def fan_models_only() -> Iterator[None]:
+    with mock.patch.object(registry, 'list_models', fan_list_models), \
+            mock.patch.object(timm, 'list_models', fan_list_models), \
+            mock.patch.object(timm.models, 'list_models', fan_list_models):
+        yield
+
+
+class PeerModule(pytest.Module):
+    def _getobj(self):
+        with fan_models_only():
+            return super()._getobj()
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if module_path.name == 'test_models.py':
+        return PeerModule.from_parent(parent, path=module_path)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, 'callspec', None)
+        is_peer = item.path.name == 'test_models.py' and item.path.parent.name == '_timm'
+        on_fan = callspec is not None and str(callspec.params.get('model_name', '')).split('.')[0] in FAN_MODELS
+        downloads = item.originalname in DOWNLOADING_TESTS
+        (drop if is_peer and (downloads or not on_fan) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
