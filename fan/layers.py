@@ -80,8 +80,13 @@ class DwConvMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         x = self.fc1(x)
-        mixed = self.drop(self.gamma * self.dwconv(x, H, W))
-        x = x + mixed if self.residual else mixed
+        mixed = self.dwconv(x, H, W)
+        if self.residual and (self.drop.p == 0. or not self.training):
+            x = torch.addcmul(x, self.gamma, mixed)  # x + gamma * mixed in one pass
+        elif self.residual:
+            x = x + self.drop(self.gamma * mixed)
+        else:
+            x = self.drop(self.gamma * mixed)
         return self.drop(self.fc2(x))
 
 
@@ -176,9 +181,13 @@ class ChannelAttention(nn.Module):
     def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
         """The per-sample channel weights A (B, C) for tokens x (B, N, C)."""
         B, N, C = x.shape
-        q = self.q(x).reshape(B, N, self.num_heads, -1).softmax(dim=1)  # (B, N, h, d)
-        k = x.reshape(B, N, self.num_heads, -1).softmax(dim=1).mean(dim=-1)  # (B, N, h)
-        gate = torch.einsum('bnhd,bnh->bhd', q, k).sigmoid() * self.temperature.squeeze(-1)  # (B, h, d)
+        h = self.num_heads
+        q = self.q(x).reshape(B, N, h, -1).softmax(dim=1).reshape(B, N, C)  # softmax over tokens per channel
+        k = x.reshape(B, N, h, -1).softmax(dim=1).mean(dim=-1)  # (B, N, h): channel mean of softmax over tokens
+        # sum over tokens of q[n, c] * k[n, head of c]: all (head, channel) pairs in one batched matmul, then the
+        # matching head of each channel (the block diagonal); cheaper than permuting q for a per-head product
+        scores = torch.bmm(k.transpose(1, 2), q).reshape(B, h, h, -1).diagonal(dim1=1, dim2=2)  # (B, d, h)
+        gate = scores.sigmoid().transpose(1, 2) * self.temperature.squeeze(-1)  # (B, h, d)
         return self.attn_drop(gate).reshape(B, C)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -263,6 +272,7 @@ class FanBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = self._make_mlp(dim, num_heads, mlp_ratio, qkv_bias, attn_drop, proj_drop)
         self.gamma2 = nn.Parameter(eta * torch.ones(dim))
+        self.drop_path_rate = drop_path
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.downsample = downsample
 
@@ -279,8 +289,12 @@ class FanBlock(nn.Module):
             dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, drop=proj_drop)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> Tuple[torch.Tensor, int, int]:
-        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x), H, W))
+        if self.drop_path_rate == 0. or not self.training:  # residual + layer scale in one pass each
+            x = torch.addcmul(x, self.gamma1, self.attn(self.norm1(x)))
+            x = torch.addcmul(x, self.gamma2, self.mlp(self.norm2(x), H, W))
+        else:
+            x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
+            x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x), H, W))
         if self.downsample is not None:
             x, H, W = self.downsample(x, H, W)
         return x, H, W
