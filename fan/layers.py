@@ -8,7 +8,7 @@ computation; see the docstrings for the quirks that checkpoint parity depends on
 
 Shapes: B batch, N = H * W patch tokens, C channels, h heads, d = C / h channels per head.
 """
-from typing import Optional, Tuple, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -40,13 +40,21 @@ class DepthwiseConvMixer(nn.Module):
     channels-last view of the tokens, so neither direction copies the data.
     """
 
-    def __init__(self, dim: int, act_layer: Type[nn.Module] = nn.GELU, kernel_size: int = 3) -> None:
+    def __init__(
+            self,
+            dim: int,
+            act_layer: Type[nn.Module] = nn.GELU,
+            kernel_size: int = 3,
+            device=None,
+            dtype=None,
+    ) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         padding = kernel_size // 2
-        self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim)
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim, **dd)
         self.act = act_layer()
-        self.bn = nn.BatchNorm2d(dim)
-        self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim)
+        self.bn = nn.BatchNorm2d(dim, **dd)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim, **dd)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         x = tokens_to_map(x, H, W)
@@ -68,13 +76,16 @@ class DwConvMlp(nn.Module):
             hidden_features: int,
             drop: float = 0.,
             residual: bool = True,
+            device=None,
+            dtype=None,
     ) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.residual = residual
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.dwconv = DepthwiseConvMixer(hidden_features)
-        self.gamma = nn.Parameter(torch.ones(hidden_features))
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc1 = nn.Linear(in_features, hidden_features, **dd)
+        self.dwconv = DepthwiseConvMixer(hidden_features, **dd)
+        self.gamma = nn.Parameter(torch.ones(hidden_features, **dd))
+        self.fc2 = nn.Linear(hidden_features, in_features, **dd)
         self.drop = nn.Dropout(drop)
         self.apply(_init_mlp_weights)
 
@@ -118,17 +129,20 @@ class TokenMixing(nn.Module):
             qkv_bias: bool = True,
             attn_drop: float = 0.,
             proj_drop: float = 0.,
+            device=None,
+            dtype=None,
     ) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         assert dim % num_heads == 0, f'dim {dim} must be divisible by num_heads {num_heads}'
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,15 +182,18 @@ class ChannelAttention(nn.Module):
             attn_drop: float = 0.,
             drop: float = 0.,
             mlp_residual: bool = True,
+            device=None,
+            dtype=None,
     ) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         assert dim % num_heads == 0, f'dim {dim} must be divisible by num_heads {num_heads}'
         self.num_heads = num_heads
-        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1, **dd))
+        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.mlp_v = DwConvMlp(dim, int(dim * mlp_ratio), drop=drop, residual=mlp_residual)
-        self.norm_v = nn.LayerNorm(dim)
+        self.mlp_v = DwConvMlp(dim, int(dim * mlp_ratio), drop=drop, residual=mlp_residual, **dd)
+        self.norm_v = nn.LayerNorm(dim, **dd)
 
     def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
         """The per-sample channel weights A (B, C) for tokens x (B, N, C)."""
@@ -203,10 +220,19 @@ class SeMlp(nn.Module):
     tokens -> 1x1 conv C -> C/4 -> ReLU -> 1x1 conv C/4 -> C -> sigmoid channel gate.
     """
 
-    def __init__(self, dim: int, mlp_ratio: float = 4., drop: float = 0., se_ratio: float = 0.25) -> None:
+    def __init__(
+            self,
+            dim: int,
+            mlp_ratio: float = 4.,
+            drop: float = 0.,
+            se_ratio: float = 0.25,
+            device=None,
+            dtype=None,
+    ) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.mlp_v = DwConvMlp(dim, int(dim * mlp_ratio), drop=drop)
-        self.se = SqueezeExcite(dim, int(dim * se_ratio))
+        self.mlp_v = DwConvMlp(dim, int(dim * mlp_ratio), drop=drop, **dd)
+        self.se = SqueezeExcite(dim, int(dim * se_ratio), **dd)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         x = self.mlp_v(x, H, W)
@@ -216,11 +242,12 @@ class SeMlp(nn.Module):
 class SqueezeExcite(nn.Module):
     """Squeeze-excite on a map (B, C, H, W) with checkpoint names ``conv_reduce`` / ``conv_expand``."""
 
-    def __init__(self, dim: int, reduced_dim: int) -> None:
+    def __init__(self, dim: int, reduced_dim: int, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.conv_reduce = nn.Conv2d(dim, reduced_dim, 1)
+        self.conv_reduce = nn.Conv2d(dim, reduced_dim, 1, **dd)
         self.act = nn.ReLU(inplace=True)
-        self.conv_expand = nn.Conv2d(reduced_dim, dim, 1)
+        self.conv_expand = nn.Conv2d(reduced_dim, dim, 1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.conv_expand(self.act(self.conv_reduce(x.mean((2, 3), keepdim=True))))
@@ -233,10 +260,11 @@ class OverlapPatchEmbed(nn.Module):
     Followed by LayerNorm with the default eps 1e-5 (as in the released FAN-XLarge hybrid).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, stride: int = 2) -> None:
+    def __init__(self, in_dim: int, out_dim: int, stride: int = 2, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=stride, padding=1)
-        self.norm = nn.LayerNorm(out_dim)
+        self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=stride, padding=1, **dd)
+        self.norm = nn.LayerNorm(out_dim, **dd)
         _init_mlp_weights(self.proj)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> Tuple[torch.Tensor, int, int]:
@@ -264,14 +292,18 @@ class FanBlock(nn.Module):
             norm_layer: Type[nn.Module] = LayerNorm,
             eta: float = 1.,
             downsample: Optional[nn.Module] = None,
+            device=None,
+            dtype=None,
     ) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = TokenMixing(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.gamma1 = nn.Parameter(eta * torch.ones(dim))
-        self.norm2 = norm_layer(dim)
-        self.mlp = self._make_mlp(dim, num_heads, mlp_ratio, qkv_bias, attn_drop, proj_drop)
-        self.gamma2 = nn.Parameter(eta * torch.ones(dim))
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = TokenMixing(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
+        self.gamma1 = nn.Parameter(eta * torch.ones(dim, **dd))
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = self._make_mlp(dim, num_heads, mlp_ratio, qkv_bias, attn_drop, proj_drop, dd)
+        self.gamma2 = nn.Parameter(eta * torch.ones(dim, **dd))
         self.drop_path_rate = drop_path
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.downsample = downsample
@@ -284,9 +316,11 @@ class FanBlock(nn.Module):
             qkv_bias: bool,
             attn_drop: float,
             proj_drop: float,
+            dd: Dict[str, Any],
     ) -> nn.Module:
         return ChannelAttention(
-            dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, drop=proj_drop)
+            dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, drop=proj_drop,
+            **dd)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> Tuple[torch.Tensor, int, int]:
         if self.drop_path_rate == 0. or not self.training:  # residual + layer scale in one pass each
@@ -311,5 +345,6 @@ class FanSeBlock(FanBlock):
             qkv_bias: bool,
             attn_drop: float,
             proj_drop: float,
+            dd: Dict[str, Any],
     ) -> nn.Module:
-        return SeMlp(dim, mlp_ratio=mlp_ratio, drop=proj_drop)
+        return SeMlp(dim, mlp_ratio=mlp_ratio, drop=proj_drop, **dd)

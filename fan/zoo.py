@@ -63,13 +63,17 @@ def format_zoo(entries: Sequence[ZooEntry]) -> str:
 
 def load_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, **kwargs) -> torch.nn.Module:
     """Build a timm model by name (FAN or any other); ``checkpoint`` loads a local official/timm file through the
-    model's checkpoint filter, ``pretrained`` downloads the default weights."""
+    model's checkpoint filter (with ``num_classes``, the file's own head of that size is kept), ``pretrained``
+    downloads the default weights."""
     if not timm.is_model(name):
         raise ValueError(f'unknown model {name!r}; `fan list` shows the FAN models, timm.list_models() all of them')
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)), **kwargs)
+        overlay = dict(file=str(checkpoint))
+        if 'num_classes' in kwargs:
+            overlay['num_classes'] = kwargs['num_classes']
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, trunc_normal_, _assert
+from timm.layers import LayerNorm2d, get_device_dtype, trunc_normal_, _assert
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_model_deprecations
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -58,10 +58,16 @@ class HybridBackbone(nn.Module):
             depths: Tuple[int, int] = (3, 3),
             dims: Tuple[int, int] = (128, 256),
             legacy_norm: bool = True,
+            device=None,
+            dtype=None,
     ) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         norm_layer = LegacyLayerNorm2d if legacy_norm else LayerNorm2d
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0]))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4, **dd),
+            LayerNorm2d(dims[0], **dd),
+        )
         self.stages = nn.Sequential(*[
             ConvNeXtStage(
                 dims[max(i - 1, 0)],
@@ -71,6 +77,7 @@ class HybridBackbone(nn.Module):
                 ls_init_value=1e-6,
                 conv_mlp=True,
                 norm_layer=norm_layer,
+                **dd,
             )
             for i in range(len(depths))])
         self.feature_info = [
@@ -102,10 +109,13 @@ class HybridEmbed(nn.Module):
             embed_dim: int,
             depths: Tuple[int, int] = (3, 3),
             legacy_norm: bool = True,
+            device=None,
+            dtype=None,
     ) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.backbone = HybridBackbone(in_chans, depths=depths, legacy_norm=legacy_norm)
-        self.proj = nn.Conv2d(self.backbone.feature_info[-1]['num_chs'], embed_dim, kernel_size=2, stride=2)
+        self.backbone = HybridBackbone(in_chans, depths=depths, legacy_norm=legacy_norm, **dd)
+        self.proj = nn.Conv2d(self.backbone.feature_info[-1]['num_chs'], embed_dim, kernel_size=2, stride=2, **dd)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         x = self.proj(self.backbone(x)[-1])
@@ -153,6 +163,8 @@ class Fan(nn.Module):
             hybrid_depths: Optional[Tuple[int, int]] = None,
             legacy_norm: bool = True,
             head_init_scale: float = 1.,
+            device=None,
+            dtype=None,
     ) -> None:
         """
         Args:
@@ -181,6 +193,7 @@ class Fan(nn.Module):
             legacy_norm: Hybrid only: unbiased-variance ConvNeXt norms, as the released hybrid weights need.
             head_init_scale: Scale of the initial head weights and bias.
         """
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         assert global_pool in ('', 'avg', 'token'), f'global_pool must be token, avg or empty, got {global_pool!r}'
         num_stages = 1 if isinstance(depth, int) else len(depth)
@@ -198,17 +211,17 @@ class Fan(nn.Module):
         self.grad_checkpointing = False
 
         if hybrid_depths is not None:
-            self.patch_embed = HybridEmbed(in_chans, dims[0], depths=hybrid_depths, legacy_norm=legacy_norm)
+            self.patch_embed = HybridEmbed(in_chans, dims[0], depths=hybrid_depths, legacy_norm=legacy_norm, **dd)
             self.patch_size = 16
             stem_info = self.patch_embed.backbone.feature_info
         else:
             if patch_size not in (8, 16):
                 raise ValueError(f'patch_size must be 8 or 16 for the conv stem, got {patch_size}')
             self.patch_embed = ConvPatchEmbed(
-                patch_size=patch_size, in_chans=in_chans, embed_dim=dims[0], act_layer=act_layer)
+                patch_size=patch_size, in_chans=in_chans, embed_dim=dims[0], act_layer=act_layer, **dd)
             self.patch_size = patch_size
             stem_info = []
-        self.pos_embed = PositionalEncodingFourier(dim=dims[0]) if use_pos_embed else None
+        self.pos_embed = PositionalEncodingFourier(dim=dims[0], **dd) if use_pos_embed else None
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
         block_layer = FanSeBlock if se_mlp else FanBlock
@@ -228,7 +241,8 @@ class Fan(nn.Module):
                     drop_path=drop_path_rate,
                     norm_layer=norm_layer,
                     eta=eta,
-                    downsample=OverlapPatchEmbed(dim, dims[stage + 1]) if last_of_stage else None,
+                    downsample=OverlapPatchEmbed(dim, dims[stage + 1], **dd) if last_of_stage else None,
+                    **dd,
                 ))
                 if last_of_stage:
                     reduction *= 2
@@ -240,7 +254,7 @@ class Fan(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.num_stem_features = len(stem_info)
 
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[-1]))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[-1], **dd))
         self.cls_attn_blocks = nn.ModuleList([
             ClassAttentionBlock(
                 dim=dims[-1],
@@ -253,11 +267,12 @@ class Fan(nn.Module):
                 norm_layer=norm_layer,
                 eta=eta,
                 tokens_norm=tokens_norm,
+                **dd,
             )
             for _ in range(cls_attn_layers)])
-        self.norm = norm_layer(dims[-1])
+        self.norm = norm_layer(dims[-1], **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
         trunc_normal_(self.cls_token, std=.02)
         self.apply(self._init_weights)
@@ -295,12 +310,14 @@ class Fan(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
         if global_pool is not None:
             assert global_pool in ('', 'avg', 'token'), f'global_pool must be token, avg or empty, got {global_pool!r}'
             assert global_pool != 'token' or self.num_prefix_tokens, 'token pooling needs the class token'
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
         """Image (B, C, H, W) -> patch tokens with positional encoding (B, N, D) and the grid (Hp, Wp)."""

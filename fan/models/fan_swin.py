@@ -39,14 +39,16 @@ class FanSwinBlock(SwinTransformerBlock):
             qkv_bias: bool = True,
             proj_drop: float = 0.,
             attn_drop: float = 0.,
+            device=None,
+            dtype=None,
             **kwargs,
     ) -> None:
         super().__init__(
             dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
-            attn_drop=attn_drop, **kwargs)
+            attn_drop=attn_drop, device=device, dtype=dtype, **kwargs)
         self.mlp = ChannelAttention(
             dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, drop=proj_drop,
-            mlp_residual=False)
+            mlp_residual=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -82,6 +84,8 @@ class FanSwin(SwinTransformer):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.1,
             norm_layer: Type[nn.Module] = nn.LayerNorm,
+            device=None,
+            dtype=None,
     ) -> None:
         """
         Args:
@@ -111,7 +115,8 @@ class FanSwin(SwinTransformer):
         super().__init__(
             img_size=img_size, patch_size=4, in_chans=in_chans, num_classes=num_classes, global_pool=global_pool,
             embed_dim=embed_dim, depths=(0,) * len(depths), num_heads=num_heads, window_size=window_size,
-            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_rate=drop_rate, norm_layer=norm_layer, weight_init='skip')
+            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_rate=drop_rate, norm_layer=norm_layer, weight_init='skip',
+            device=device, dtype=dtype)
         drop_path_rates = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)
         for i, (stage, depth, heads, use_channel_attn, rates) in enumerate(zip(
                 self.layers, depths, num_heads, channel_attn, drop_path_rates)):
@@ -129,6 +134,8 @@ class FanSwin(SwinTransformer):
                     attn_drop=attn_drop_rate,
                     drop_path=rates[j],
                     norm_layer=norm_layer,
+                    device=device,
+                    dtype=dtype,
                 )
                 for j in range(depth)])
         self.init_weights(mode='', needs_reset=False)
