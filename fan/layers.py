@@ -50,15 +50,24 @@ class DepthwiseConvMixer(nn.Module):
     ) -> None:
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        padding = kernel_size // 2
+        self.padding = padding = kernel_size // 2
         self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim, **dd)
         self.act = act_layer()
         self.bn = nn.BatchNorm2d(dim, **dd)
         self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim, **dd)
 
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        x = tokens_to_map(x, H, W)
-        x = self.conv2(self.bn(self.act(self.conv1(x))))
+    def forward(self, x: torch.Tensor, H: int, W: int, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tokens (B, N, C) -> (B, N, C); ``scale`` (C,) multiplies the output channels, folded into conv2's weights
+        so that training does not keep the unscaled output for the gradient of ``scale``."""
+        x = self.bn(self.act(self.conv1(tokens_to_map(x, H, W))))
+        if scale is None:
+            x = self.conv2(x)
+        else:
+            bias = self.conv2.bias
+            if bias is not None:
+                bias = bias * scale
+            x = F.conv2d(x, self.conv2.weight * scale[:, None, None, None], bias, padding=self.padding,
+                         groups=x.shape[1])
         return map_to_tokens(x)
 
 
@@ -91,14 +100,8 @@ class DwConvMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         x = self.fc1(x)
-        mixed = self.dwconv(x, H, W)
-        if self.residual and (self.drop.p == 0. or not self.training):
-            x = torch.addcmul(x, self.gamma, mixed)  # x + gamma * mixed in one pass
-        elif self.residual:
-            x = x + self.drop(self.gamma * mixed)
-        else:
-            x = self.drop(self.gamma * mixed)
-        return self.drop(self.fc2(x))
+        mixed = self.drop(self.dwconv(x, H, W, scale=self.gamma))  # gamma * mixer(x)
+        return self.drop(self.fc2(x + mixed if self.residual else mixed))
 
 
 def _init_mlp_weights(m: nn.Module) -> None:
