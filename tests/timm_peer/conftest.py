@@ -5,8 +5,14 @@ While timm's test module is imported (its parametrisations call ``timm.list_mode
 wherever timm names ``xcit_*``; our model modules join timm's list of modules with ``forward_intermediates``.
 Tests that do not run on a FAN model (timm's checks of specific timm models) are deselected, and so are the
 tests that download pretrained weights (no test fetches weights).
+
+Time budget: every test runs on every model of up to 30 M parameters (the tiny and small variant of each family);
+the bigger models (same code, more or wider blocks) get the forward, config, feature and pruning tests, while
+the slow backward / TorchScript / FX tests run on them only with ``FAN_PEER_ALL=1``.
 """
+import os
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Iterator, List, Union
 from unittest import mock
 
@@ -21,6 +27,15 @@ FAN_TOKEN_MODELS = ['fan_*_p16_224*', 'fan_*_hybrid*']  # token outputs, like xc
 _list_models = registry.list_models
 FAN_MODELS = set(_list_models(module=FAN_MODULES))
 DOWNLOADING_TESTS = ('test_model_load_pretrained', 'test_model_features_pretrained')
+SLOW_TESTS = ('test_model_backward', 'test_model_forward_torchscript', 'test_model_forward_fx',
+              'test_model_backward_fx', 'test_model_forward_fx_torchscript')
+SMALL_PARAMS = 30e6
+
+
+@lru_cache(maxsize=None)
+def _is_small(name: str) -> bool:
+    from fan.zoo import count_params
+    return count_params(name) <= SMALL_PARAMS
 
 
 def _as_list(value: Union[str, List[str]]) -> List[str]:
@@ -60,13 +75,15 @@ def pytest_pycollect_makemodule(module_path, parent):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    run_all = bool(os.environ.get('FAN_PEER_ALL'))
     keep, drop = [], []
     for item in items:
         callspec = getattr(item, 'callspec', None)
+        model = str(callspec.params.get('model_name', '')).split('.')[0] if callspec is not None else ''
         is_peer = item.path.name == 'test_models.py' and item.path.parent.name == '_timm'
-        on_fan = callspec is not None and str(callspec.params.get('model_name', '')).split('.')[0] in FAN_MODELS
-        downloads = item.originalname in DOWNLOADING_TESTS
-        (drop if is_peer and (downloads or not on_fan) else keep).append(item)
+        wanted = (model in FAN_MODELS and item.originalname not in DOWNLOADING_TESTS
+                  and (run_all or item.originalname not in SLOW_TESTS or _is_small(model)))
+        (drop if is_peer and not wanted else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
