@@ -11,6 +11,11 @@ from typing import List, Optional
 COMMAND_MODULES = (
     'fan.zoo',
     'fan.demo',
+    'fan.robustness.cli',
+    'fan.analysis.cli',
+    'fan.ood',
+    'fan.finetune',
+    'fan.bench.cli',
 )
 
 

@@ -12,6 +12,12 @@ from pathlib import Path
 DEMO_STEPS = (
     'fan.zoo:demo_zoo_table',
     'fan.zoo:demo_classify_photos',
+    'fan.robustness.demo:demo_imagenet_c',
+    'fan.analysis.cli:demo_spectrum',
+    'fan.ood:demo_ash_scores',
+    'fan.augment:demo_smoothmix',
+    'fan.finetune:demo_lpft',
+    'fan.bench.cli:demo_bench',
 )
 
 
