@@ -6,6 +6,8 @@ memory starts from the server's (see ``fan.bench.memory.PeakMemory``). The serve
 forking it is safe for OpenMP and CUDA.
 """
 import multiprocessing
+import os
+import threading
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Optional
@@ -32,7 +34,14 @@ def _context() -> multiprocessing.context.BaseContext:
     return context
 
 
+def _exit_with_parent() -> None:
+    """Watchdog thread of a child: end the child as soon as its parent process ends (killed by any signal)."""
+    multiprocessing.parent_process().join()
+    os._exit(1)
+
+
 def _child_main(sender: Connection, fn: Callable[..., Any], args: tuple) -> None:
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
     try:
         sender.send(('ok', fn(*args)))
     except BaseException as e:  # report everything, KeyboardInterrupt included, to the parent
@@ -45,7 +54,7 @@ def run_in_child(fn: Callable[..., Any], *args: Any, timeout: Optional[float] = 
     """``fn(*args)`` in a new child process (``fn`` and ``args`` must be picklable; ``fn`` importable).
 
     Raises :class:`ChildError` when ``fn`` raises or the child dies (e.g. killed for memory), ``TimeoutError`` after
-    ``timeout`` seconds (the child is terminated). Interrupting the parent terminates the child too.
+    ``timeout`` seconds (the child is terminated). The child ends when the parent is interrupted or killed.
     """
     context = _context()
     receiver, sender = context.Pipe(duplex=False)
