@@ -143,9 +143,7 @@ class SmoothMix:
 
 def demo_smoothmix(out_dir: Path) -> None:
     """SmoothMix 'S' and 'C' masks on pairs of bundled photos; saves a grid and prints each mixed image's lam."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     import torchvision.transforms.functional as TF
 
     from fan.data import bundled_photos
@@ -157,7 +155,8 @@ def demo_smoothmix(out_dir: Path) -> None:
     smoothing, num_classes = 0.1, 1000
     off = smoothing / num_classes  # smoothed one-hot values: the own label's weight gives lam back
     on = 1 - smoothing + off
-    fig, axes = plt.subplots(2, len(photos), figsize=(2.6 * len(photos), 6.0))
+    fig = Figure(figsize=(2.6 * len(photos), 6.0))
+    axes = fig.subplots(2, len(photos))
     for row, mask in enumerate(MASKS):
         mixed, target = SmoothMix(mask=mask, mode='elem', label_smoothing=smoothing, num_classes=num_classes)(
             images, labels)
@@ -171,5 +170,4 @@ def demo_smoothmix(out_dir: Path) -> None:
                   f'target row sums to {float(target[col].sum()):.4f}')
     fig.tight_layout()
     fig.savefig(out_dir / 'smoothmix.png', dpi=90)
-    plt.close(fig)
     print(f'  grid of mixed photos: {out_dir / "smoothmix.png"}')

@@ -1,12 +1,17 @@
-"""The ``fan`` command line: one sub-command per feature.
+"""The ``fan`` command line: one sub-command per feature, one set of shared options (:mod:`fan.options`).
 
 Each feature module listed in ``COMMAND_MODULES`` defines ``add_commands(subparsers)``, which adds its
-sub-parsers and sets ``func`` (called with the parsed arguments) as a parser default.
+sub-parsers and sets ``func`` (called with the parsed arguments, returning the exit status) as a parser default.
+A :class:`~fan.errors.UserError` raised by a command ends it with one line, ``fan <command>: error: <message>``,
+and exit status 2; any other exception is a bug and keeps its traceback.
 """
 import argparse
 import importlib
 import sys
 from typing import List, Optional
+
+from . import __version__
+from .errors import UserError
 
 COMMAND_MODULES = (
     'fan.zoo',
@@ -20,7 +25,9 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='fan', description='Fully Attentional Networks for timm.')
+    parser = argparse.ArgumentParser(prog='fan', description='Fully Attentional Networks for timm: the model zoo '
+                                                             'and its robustness tools.')
+    parser.add_argument('--version', action='version', version=f'fan {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(subparsers)
@@ -31,8 +38,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
+    except UserError as error:
+        print(f'fan {args.command}: error: {error}', file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
+        print(f'fan {args.command}: interrupted', file=sys.stderr)
         return 130
 
 

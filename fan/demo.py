@@ -9,6 +9,8 @@ import time
 import traceback
 from pathlib import Path
 
+from .options import add_out_option
+
 DEMO_STEPS = (
     'fan.zoo:demo_zoo_table',
     'fan.zoo:demo_classify_photos',
@@ -41,10 +43,10 @@ def run_demo(out_dir: Path, steps=DEMO_STEPS) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return run_demo(Path(args.out))
+    return run_demo(args.out)
 
 
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser('demo', help='run the main job on embedded defaults (CPU, bundled photos)')
-    parser.add_argument('--out', default='fan-demo', help='output folder (default: %(default)s)')
+    add_out_option(parser, 'fan-demo')
     parser.set_defaults(func=_run)

@@ -19,7 +19,6 @@ over the ID validation images and over the OOD images. The paper's claim is that
 than FT, and so keeps ID and OOD features consistent.
 """
 import argparse
-import json
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,14 +28,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from fan.ood import add_model_arguments, create_eval_transform, create_model
+from timm.data import create_transform
+
+from .errors import MissingPathError, UserError, require_extra
+from .factory import create_model, resolve_data_config
+from .io import save_torch, write_json
+from .options import (add_data_option, add_model_options, add_out_option, add_run_options, model_from_args,
+                      resolve_device, seed_everything)
 
 __all__ = [
     'MODES', 'DEFAULT_CS', 'DEFAULT_LR', 'LinearProbe', 'TransferData', 'load_image_folders', 'extract_features',
@@ -68,12 +70,12 @@ def _image_folder(root: Path, transform: Callable, class_to_idx: Optional[Dict[s
     """An ImageFolder whose targets follow ``class_to_idx`` (the training split's), so that splits may hold fewer
     classes than training."""
     if not root.is_dir():
-        raise FileNotFoundError(f'folder not found: {root} (expected one sub-folder of images per class)')
+        raise MissingPathError(f'folder not found: {root} (expected one sub-folder of images per class)')
     folder = ImageFolder(str(root), transform=transform)
     if class_to_idx is not None:
         unknown = sorted(set(folder.classes) - set(class_to_idx))
         if unknown:
-            raise ValueError(f'{root} has classes missing from the training split: {", ".join(unknown)}')
+            raise UserError(f'{root} has classes missing from the training split: {", ".join(unknown)}')
         folder.samples = [(path, class_to_idx[folder.classes[target]]) for path, target in folder.samples]
         folder.targets = [target for _, target in folder.samples]
         folder.classes, folder.class_to_idx = list(class_to_idx), dict(class_to_idx)
@@ -85,14 +87,14 @@ def load_image_folders(data_dir: str, transform: Callable, train_transform: Call
     """``data_dir/train`` and ``data_dir/val`` (and an optional OOD folder with the same class names)."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f'dataset folder not found: {data_dir}')
+        raise MissingPathError(f'dataset folder not found: {data_dir}')
     missing = [split for split in ('train', 'val') if not (root / split).is_dir()]
     if missing:
-        raise FileNotFoundError(f'incomplete dataset {data_dir}: no {" or ".join(missing)} folder '
+        raise MissingPathError(f'incomplete dataset {data_dir}: no {" or ".join(missing)} folder '
                                 '(expected DATA/train/<class>/* and DATA/val/<class>/*)')
     train = _image_folder(root / 'train', train_transform)
     if len(train.classes) < 2:
-        raise ValueError(f'{root / "train"} needs at least two class folders, found {train.classes}')
+        raise UserError(f'{root / "train"} needs at least two class folders, found {train.classes}')
     return TransferData(
         classes=train.classes,
         train=train,
@@ -147,21 +149,26 @@ def fit_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, v
     x_val, y_val = val_features.double().numpy(), val_labels.numpy()
     present = np.unique(y_train)
     if not np.array_equal(present, np.arange(num_classes)):
-        raise ValueError(f'the training features cover classes {present.tolist()}, '
+        raise UserError(f'the training features cover classes {present.tolist()}, '
                          f'expected all of 0..{num_classes - 1}')
     mean, std = x_train.mean(), x_train.std()
     if std == 0:
-        raise ValueError('the training features are constant: nothing to probe')
+        raise UserError('the training features are constant: nothing to probe')
     x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
-    classifier = LogisticRegression(warm_start=True, max_iter=200)
+    sklearn = require_extra('sklearn', 'analysis')
+    import sklearn.exceptions
+    import sklearn.linear_model
+    import sklearn.metrics
+
+    classifier = sklearn.linear_model.LogisticRegression(warm_start=True, max_iter=200)
     sweep, best, best_key = [], None, None
     for c in cs:
         classifier.set_params(C=float(c))
         with warnings.catch_warnings():
-            warnings.simplefilter('ignore', ConvergenceWarning)  # the smallest C values rarely matter
+            warnings.simplefilter('ignore', sklearn.exceptions.ConvergenceWarning)  # the smallest C values rarely matter
             classifier.fit(x_train, y_train)
         accuracy = float(classifier.score(x_val, y_val))
-        loss = float(log_loss(y_val, classifier.predict_proba(x_val), labels=classifier.classes_))
+        loss = float(sklearn.metrics.log_loss(y_val, classifier.predict_proba(x_val), labels=classifier.classes_))
         sweep.append({'c': float(c), 'val_accuracy': accuracy, 'val_loss': loss})
         if best_key is None or (accuracy, -loss) > best_key:
             best_key, best = (accuracy, -loss), (float(c), classifier.coef_.copy(), classifier.intercept_.copy())
@@ -178,7 +185,7 @@ def set_linear_classifier(model: nn.Module, weight: torch.Tensor, bias: torch.Te
     model.reset_classifier(weight.shape[0])
     head = _classifier(model)
     if head.weight.shape != weight.shape:
-        raise ValueError(f'probe weight {tuple(weight.shape)} does not fit the classifier {tuple(head.weight.shape)}')
+        raise UserError(f'probe weight {tuple(weight.shape)} does not fit the classifier {tuple(head.weight.shape)}')
     with torch.no_grad():
         head.weight.copy_(weight)
         head.bias.copy_(bias)
@@ -231,9 +238,9 @@ def fine_tune(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader
         print(f'epoch {epoch + 1}/{epochs}: train loss {history[-1]["train_loss"]:.4f}, val accuracy {accuracy:.4f}')
         if accuracy > best_accuracy:
             best_accuracy = accuracy
-            torch.save({'state_dict': model.state_dict(), 'epoch': epoch + 1}, best_path)
-        torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                    'scheduler': scheduler.state_dict(), 'history': history, 'best_accuracy': best_accuracy}, last)
+            save_torch(best_path, {'state_dict': model.state_dict(), 'epoch': epoch + 1})
+        save_torch(last, {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                          'scheduler': scheduler.state_dict(), 'history': history, 'best_accuracy': best_accuracy})
     model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)['state_dict'])
     return history
 
@@ -253,16 +260,17 @@ def run_transfer(model: nn.Module, data: TransferData, mode: str, out_dir: Path,
     """Transfer ``model`` (its current weights are the starting point) with ``mode`` in ``MODES``.
 
     Writes under ``out_dir``: ``linear_probe.pt`` (lp, lpft), ``last.pth`` / ``model_best.pth`` (the final model,
-    loadable with ``timm.create_model(..., num_classes=len(classes), checkpoint_path=...)``) and ``results.json``.
+    loadable with ``fan.create_model(name, checkpoint=...)``, whose head has ``len(classes)`` outputs) and
+    ``results.json``.
     Returns the contents of ``results.json``: accuracies, distortions, the probe's sweep and the training history.
     """
     if mode not in MODES:
-        raise ValueError(f"unknown mode '{mode}'; choose from {', '.join(MODES)}")
+        raise UserError(f"unknown mode '{mode}'; choose from {', '.join(MODES)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     model.to(device)
     if mode != 'lp' and epochs < 1:
-        raise ValueError(f'fine-tuning needs at least one epoch, got {epochs}')
+        raise UserError(f'fine-tuning needs at least one epoch, got {epochs}')
 
     def loader(dataset: ImageFolder, shuffle: bool = False) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
@@ -282,7 +290,7 @@ def run_transfer(model: nn.Module, data: TransferData, mode: str, out_dir: Path,
         else:
             train_features, _, train_labels = extract_features(model, loader(data.train_eval), device, 'train features')
             probe = fit_linear_probe(train_features, train_labels, initial_val, val_labels, num_classes, cs)
-            torch.save(asdict(probe), probe_path)
+            save_torch(probe_path, asdict(probe))
         set_linear_classifier(model, probe.weight, probe.bias)
         results['linear_probe'] = {'c': probe.c, 'val_accuracy': probe.val_accuracy, 'sweep': probe.sweep}
     else:
@@ -290,7 +298,7 @@ def run_transfer(model: nn.Module, data: TransferData, mode: str, out_dir: Path,
     model.to(device)
 
     if mode == 'lp':
-        torch.save({'state_dict': model.state_dict()}, out_dir / 'model_best.pth')
+        save_torch(out_dir / 'model_best.pth', {'state_dict': model.state_dict()})
     else:
         lr = DEFAULT_LR[mode] if lr is None else lr
         results.update(lr=lr, epochs=epochs, eval_mode=eval_mode)
@@ -304,7 +312,7 @@ def run_transfer(model: nn.Module, data: TransferData, mode: str, out_dir: Path,
         final_ood, ood_logits, ood_labels = extract_features(model, ood_loader, device, 'final OOD features')
         results['ood_accuracy'] = float((ood_logits.argmax(1) == ood_labels).float().mean())
         results['ood_distortion'] = feature_distortion(initial_ood, final_ood)
-    (out_dir / 'results.json').write_text(json.dumps(results, indent=2))
+    write_json(out_dir / 'results.json', results)
     return results
 
 
@@ -321,14 +329,16 @@ def _summary(results: Dict) -> str:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    model = create_model(args.model, args.pretrained, args.checkpoint, args.num_classes)
-    transform = create_eval_transform(model, args.img_size)
-    train_transform = create_eval_transform(model, args.img_size, is_training=True) if args.augment else transform
+    seed_everything(args.seed)
+    model = model_from_args(args)
+    config = resolve_data_config(model)
+    transform = create_transform(**config)
+    train_transform = create_transform(**config, is_training=True) if args.augment else transform
     data = load_image_folders(args.data, transform, train_transform, args.ood)
     print(f'{args.model}, mode {args.mode}: {len(data.classes)} classes, {len(data.train)} train / '
           f'{len(data.val)} val' + (f' / {len(data.ood)} OOD images' if data.ood is not None else ''))
-    results = run_transfer(model, data, args.mode, Path(args.out), args.epochs, args.lr, args.batch_size,
-                           args.workers, args.device, not args.train_mode, args.resume)
+    results = run_transfer(model, data, args.mode, args.out, args.epochs, args.lr, args.batch_size,
+                           args.workers, resolve_device(args.device), not args.train_mode, args.resume)
     print(_summary(results))
     print(f'results.json and model_best.pth written to {args.out}/')
     return 0
@@ -339,20 +349,21 @@ def add_commands(subparsers) -> None:
         'finetune', help='linear probe (lp), fine-tuning (ft) or LP-FT on an ImageFolder dataset',
         description='Transfer a timm/FAN model to DATA/train + DATA/val (one sub-folder per class) and report ID '
                     'accuracy, OOD accuracy (--ood, same class names) and feature distortion.')
-    add_model_arguments(parser)
-    parser.add_argument('--data', required=True, help='dataset folder with train/ and val/ ImageFolder splits')
+    add_model_options(parser)
+    add_data_option(parser, 'dataset folder with train/ and val/ ImageFolder splits')
     parser.add_argument('--mode', required=True, choices=MODES)
-    parser.add_argument('--ood', help='ImageFolder of shifted images with (some of) the same classes')
-    parser.add_argument('--out', default='finetune-out', help='output folder (default: %(default)s)')
-    parser.add_argument('--epochs', type=int, default=10)
+    parser.add_argument('--ood', type=Path, metavar='DIR',
+                        help='ImageFolder of shifted images with (some of) the same classes')
+    add_out_option(parser, 'finetune-out')
+    parser.add_argument('--epochs', type=int, default=10, help='default: %(default)s')
     parser.add_argument('--lr', type=float, help=f'learning rate (default: {DEFAULT_LR["ft"]:g} ft, '
                                                  f'{DEFAULT_LR["lpft"]:g} lpft)')
-    parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--train-mode', action='store_true',
                         help='fine-tune in train() mode (BatchNorm statistics update, dropout on) instead of eval()')
     parser.add_argument('--no-augment', dest='augment', action='store_false',
                         help='train on the eval transform instead of timm\'s training augmentation')
     parser.add_argument('--resume', action='store_true', help='continue from the files already in --out')
+    add_run_options(parser, batch_size=32, precision=False)
     parser.set_defaults(func=_run_finetune)
 
 
@@ -387,7 +398,7 @@ def demo_lpft(out_dir: Path) -> None:
     for mode in MODES:
         torch.manual_seed(0)
         model = create_model('resnet18')
-        transform = create_eval_transform(model, img_size=64)
+        transform = create_transform(**resolve_data_config(model, img_size=64))
         data = load_image_folders(str(root / 'data'), transform, transform, str(root / 'data' / 'ood'))
         rows.append(run_transfer(model, data, mode, root / mode, epochs=3, lr=0.01, batch_size=8, workers=0))
     print(f"  {'mode':<6}{'ID acc':>8}{'OOD acc':>9}{'distortion ID':>15}{'distortion OOD':>16}")

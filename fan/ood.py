@@ -20,7 +20,7 @@ Conventions, stated once for the whole module:
 """
 import argparse
 import difflib
-import json
+import io
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -29,19 +29,19 @@ import timm
 import torch
 import torch.nn as nn
 from PIL import Image
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
-from timm.data import create_transform, resolve_model_data_config
-from timm.models import load_checkpoint
+from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from fan.zoo import load_model, read_image
+from .errors import UserError, require_extra
+from .factory import create_model, resolve_data_config
+from .io import find_images, read_image, write_atomic, write_json
+from .options import add_data_option, add_model_options, add_out_option, add_run_options, autocast, model_from_args, \
+    resolve_device
 
 __all__ = [
     'ash_p', 'ash_b', 'ash_s', 'ash_rand', 'scale', 'SHAPINGS', 'energy', 'msp', 'max_logit', 'SCORES',
-    'keep_count', 'AshDetector', 'score_images', 'ood_metrics', 'ImageFiles', 'create_model', 'create_eval_transform',
-    'add_model_arguments',
+    'keep_count', 'AshDetector', 'score_images', 'ood_metrics', 'ImageFiles',
 ]
 
 
@@ -54,17 +54,17 @@ __all__ = [
 def keep_count(num_activations: int, percentile: float) -> int:
     """Number k of activations ASH keeps per sample: ``n - round(n * percentile / 100)``."""
     if not 0 <= percentile <= 100:
-        raise ValueError(f'percentile must be within 0-100 (ASH convention), got {percentile}')
+        raise UserError(f'percentile must be within 0-100 (ASH convention), got {percentile}')
     k = num_activations - round(num_activations * percentile / 100)
     if k < 1:
-        raise ValueError(f'percentile {percentile} keeps no activation out of {num_activations}; use a lower one')
+        raise UserError(f'percentile {percentile} keeps no activation out of {num_activations}; use a lower one')
     return k
 
 
 def _top_k(x: torch.Tensor, percentile: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flattened activations (B, n) and the values and indices (B, k) of each sample's k largest entries."""
     if x.ndim < 2:
-        raise ValueError(f'activations need a batch dimension: expected (B, C) or (B, C, H, W), got {tuple(x.shape)}')
+        raise UserError(f'activations need a batch dimension: expected (B, C) or (B, C, H, W), got {tuple(x.shape)}')
     flat = x.reshape(x.shape[0], -1)  # may be a view of x: only read from it
     values, indices = flat.topk(keep_count(flat.shape[1], percentile), dim=1)
     return flat, values, indices
@@ -159,9 +159,9 @@ class AshDetector(nn.Module):
                  rectify: bool = False, layer: Optional[str] = None):
         super().__init__()
         if shaping not in SHAPINGS:
-            raise ValueError(f"unknown shaping '{shaping}'; choose from {', '.join(SHAPINGS)}")
+            raise UserError(f"unknown shaping '{shaping}'; choose from {', '.join(SHAPINGS)}")
         if score not in SCORES:
-            raise ValueError(f"unknown score '{score}'; choose from {', '.join(SCORES)}")
+            raise UserError(f"unknown score '{score}'; choose from {', '.join(SCORES)}")
         if shaping != 'none':
             keep_count(100, percentile)  # fail early on an out-of-range percentile
         self.model = model.eval()
@@ -169,7 +169,7 @@ class AshDetector(nn.Module):
         if layer is None:
             classifier = model.get_classifier() if hasattr(model, 'get_classifier') else None
             if not isinstance(classifier, nn.Module) or isinstance(classifier, nn.Identity):
-                raise ValueError(f'{type(model).__name__} has no single classifier module (get_classifier() returned '
+                raise UserError(f'{type(model).__name__} has no single classifier module (get_classifier() returned '
                                  f'{type(classifier).__name__}); pass layer= to shape a sub-module instead')
             self.classifier = classifier
         else:
@@ -177,7 +177,7 @@ class AshDetector(nn.Module):
             if layer not in modules:
                 close = difflib.get_close_matches(layer, modules, n=5)
                 hint = f"; close names: {', '.join(close)}" if close else ''
-                raise ValueError(f"model has no sub-module '{layer}'{hint}")
+                raise UserError(f"model has no sub-module '{layer}'{hint}")
             self.hooked = modules[layer]
 
     def shape(self, activations: torch.Tensor) -> torch.Tensor:
@@ -221,9 +221,9 @@ def _as_scores(values, name: str) -> np.ndarray:
     scores = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
     scores = scores.reshape(-1)
     if scores.size == 0:
-        raise ValueError(f'{name} is empty')
+        raise UserError(f'{name} is empty')
     if not np.isfinite(scores).all():
-        raise ValueError(f'{name} contains {np.count_nonzero(~np.isfinite(scores))} NaN/inf values (ASH-S and SCALE '
+        raise UserError(f'{name} contains {np.count_nonzero(~np.isfinite(scores))} NaN/inf values (ASH-S and SCALE '
                          'overflow on signed features whose kept sum is near zero: try rectify / --rectify)')
     return scores
 
@@ -241,14 +241,15 @@ def ood_metrics(id_scores, ood_scores) -> Dict[str, float]:
         ``aupr_out``: average precision with OOD positive, ranked by negated score.
         ``fpr95``: share of OOD samples scoring at or above the threshold that keeps 95 % of the ID samples.
     """
+    metrics = require_extra('sklearn.metrics', 'analysis')
     id_scores, ood_scores = _as_scores(id_scores, 'id_scores'), _as_scores(ood_scores, 'ood_scores')
     is_id = np.concatenate([np.ones(id_scores.size), np.zeros(ood_scores.size)])
     scores = np.concatenate([id_scores, ood_scores])
-    fpr, tpr, _ = roc_curve(is_id, scores, drop_intermediate=False)
+    fpr, tpr, _ = metrics.roc_curve(is_id, scores, drop_intermediate=False)
     return {
-        'auroc': float(roc_auc_score(is_id, scores)),
-        'aupr_in': float(average_precision_score(is_id, scores)),
-        'aupr_out': float(average_precision_score(1 - is_id, -scores)),
+        'auroc': float(metrics.roc_auc_score(is_id, scores)),
+        'aupr_in': float(metrics.average_precision_score(is_id, scores)),
+        'aupr_out': float(metrics.average_precision_score(1 - is_id, -scores)),
         'fpr95': float(fpr[np.searchsorted(tpr, 0.95, side='left')]),
     }
 
@@ -257,42 +258,12 @@ def ood_metrics(id_scores, ood_scores) -> Dict[str, float]:
 # Models and images
 # ---------------------------------------------------------------------------------------------------------------
 
-def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
-                 num_classes: Optional[int] = None) -> nn.Module:
-    """A timm or FAN model. ``checkpoint`` alone is an official / timm file loaded through the model's checkpoint
-    filter (``fan.zoo.load_model``); with ``num_classes`` it is a fine-tuned model of that many classes (such as
-    ``fan finetune``'s ``model_best.pth``), loaded as it is. Both load weights-only."""
-    if checkpoint is None or num_classes is None:
-        return load_model(name, pretrained, checkpoint, **({} if num_classes is None else {'num_classes': num_classes}))
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
-    model = load_model(name, num_classes=num_classes)
-    try:
-        load_checkpoint(model, checkpoint, weights_only=True)
-    except RuntimeError as error:
-        raise RuntimeError(f'checkpoint {checkpoint} does not fit {name} with {num_classes} classes: '
-                           f'{error}') from error
-    return model
-
-
-def create_eval_transform(model: nn.Module, img_size: Optional[int] = None, is_training: bool = False) -> Callable:
-    """The model's own preprocessing (timm data config), optionally at another square input size."""
-    config = resolve_model_data_config(model)
-    if img_size is not None:
-        config['input_size'] = (3, img_size, img_size)
-    return create_transform(**config, is_training=is_training)
-
-
 class ImageFiles(Dataset):
     """Every image file under a folder (recursively, sorted), without labels; items are transformed images."""
 
     def __init__(self, root: str, transform: Callable):
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f'image folder not found: {root}')
-        self.files = sorted(p for p in self.root.rglob('*') if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
-        if not self.files:
-            raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {root}")
+        self.files = find_images(root)
         self.transform = transform
 
     def __len__(self) -> int:
@@ -320,23 +291,23 @@ def _format_table(rows: List[Tuple[str, str, Dict[str, float]]]) -> str:
 
 
 def _run_ood(args: argparse.Namespace) -> int:
-    device = torch.device(args.device)
-    model = create_model(args.model, args.pretrained, args.checkpoint, args.num_classes).to(device)
-    transform = create_eval_transform(model, args.img_size)
+    device = resolve_device(args.device)
+    model = model_from_args(args, device)
+    transform = create_transform(**resolve_data_config(model))
     names = [Path(folder).name for folder in args.ood]
     if len(set(names)) < len(names) or 'ID' in names:  # keep the report unambiguous
-        names = list(args.ood)
-    sets = {'ID': args.id, **dict(zip(names, args.ood))}
+        names = [str(folder) for folder in args.ood]
+    sets = {'ID': args.data, **dict(zip(names, args.ood))}
     loaders = {name: DataLoader(ImageFiles(folder, transform), batch_size=args.batch_size, num_workers=args.workers)
                for name, folder in sets.items()}
-    out = Path(args.out) if args.out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
     results, rows = [], []
     for shaping in args.shaping:
         label = shaping_label(shaping, args.percentile, args.rectify)
         detector = AshDetector(model, shaping, args.percentile, args.score, args.rectify, args.layer)
-        scores = {name: score_images(detector, loader, device, f'{label} {name}') for name, loader in loaders.items()}
+        with autocast(args.precision, device)():
+            scores = {name: score_images(detector, loader, device, f'{label} {name}')
+                      for name, loader in loaders.items()}
         per_set = {name: ood_metrics(scores['ID'], scores[name]) for name in scores if name != 'ID'}
         mean = {key: float(np.mean([m[key] for m in per_set.values()])) for key in next(iter(per_set.values()))}
         rows += [(label, name, m) for name, m in per_set.items()]
@@ -344,27 +315,16 @@ def _run_ood(args: argparse.Namespace) -> int:
             rows.append((label, 'mean', mean))
         results.append({'shaping': shaping, 'percentile': args.percentile, 'rectify': args.rectify,
                         'layer': args.layer, 'score': args.score, 'metrics': per_set, 'mean': mean})
-        if out:  # written after every shaping so that a long run keeps what it finished
-            np.savez(out / f'scores_{label}.npz', **scores)
-            (out / 'metrics.json').write_text(json.dumps({'model': args.model, 'results': results}, indent=2))
+        # written after every shaping so that a long run keeps what it finished
+        encoded = io.BytesIO()
+        np.savez(encoded, **scores)
+        write_atomic(out / f'scores_{label}.npz', encoded.getvalue())
+        write_json(out / 'metrics.json', {'model': args.model, 'results': results})
     print(f'{args.model}: score = {args.score} (higher = in-distribution), ID positive; '
           f'FPR95 = share of OOD accepted at 95 % ID recall')
     print(_format_table(rows))
-    if out:
-        print(f'scores and metrics.json written to {out}/')
+    print(f'scores and metrics.json written to {out}/')
     return 0
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model, weights, input size and device options shared by ``fan ood`` and ``fan finetune``."""
-    parser.add_argument('--model', required=True, help='timm or FAN model name, e.g. fan_tiny_12_p16_224')
-    parser.add_argument('--pretrained', action='store_true', help='load timm pretrained weights')
-    parser.add_argument('--checkpoint', help='local checkpoint (.pth, .pth.tar, .safetensors), loaded weights-only: '
-                                             'an official / timm file, or a fine-tuned one with --num-classes')
-    parser.add_argument('--num-classes', type=int, help='classifier size of a fine-tuned --checkpoint')
-    parser.add_argument('--img-size', type=int, help='square input size instead of the model default')
-    parser.add_argument('--workers', type=int, default=4, help='data-loading processes (default: %(default)s)')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 
 
 def add_commands(subparsers) -> None:
@@ -372,17 +332,18 @@ def add_commands(subparsers) -> None:
         'ood', help='OOD detection with ASH activation shaping on a timm/FAN model',
         description='Score ID and OOD image folders with a (shaped) model and report AUROC, AUPR-In, AUPR-Out and '
                     'FPR95 (fractions; ID is the positive class, higher score = more in-distribution).')
-    add_model_arguments(parser)
-    parser.add_argument('--id', required=True, help='folder of in-distribution images (searched recursively)')
-    parser.add_argument('--ood', required=True, action='append', help='folder of OOD images; repeat for several sets')
+    add_model_options(parser)
+    add_data_option(parser, 'folder of in-distribution images (searched recursively)')
+    parser.add_argument('--ood', required=True, type=Path, action='append', metavar='DIR',
+                        help='folder of OOD images; repeat for several sets')
     parser.add_argument('--shaping', nargs='+', default=['ash_s'], choices=list(SHAPINGS),
                         help='one or more shapings to compare (default: %(default)s)')
     parser.add_argument('--percentile', type=float, default=90., help='0-100, share pruned (default: %(default)s)')
     parser.add_argument('--score', default='energy', choices=list(SCORES), help='default: %(default)s')
     parser.add_argument('--rectify', action='store_true', help='clip activations at 0 before shaping')
     parser.add_argument('--layer', help='shape this sub-module\'s output instead of the pre-logits')
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--out', help='folder for per-image scores (.npz) and metrics.json')
+    add_out_option(parser, 'ood-out')
+    add_run_options(parser, seed=None)
     parser.set_defaults(func=_run_ood)
 
 
@@ -401,22 +362,21 @@ def _synthetic_ood_images(count: int, size: int, seed: int = 0) -> Dict[str, Lis
 
 def demo_ash_scores(out_dir: Path) -> None:
     """ASH OOD scores of the bundled photos against noise / stripe images, with a random-init model."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from fan.data import bundled_photos
 
     name = 'fan_tiny_12_p16_224' if timm.is_model('fan_tiny_12_p16_224') else 'resnet18'
     torch.manual_seed(0)
     model = create_model(name).eval()
-    transform = create_eval_transform(model)
+    transform = create_transform(**resolve_data_config(model))
     photos = bundled_photos()
     sets = {'photos (ID)': [p.image for p in photos], **_synthetic_ood_images(len(photos), 224)}
     images = {key: torch.stack([transform(image) for image in value]) for key, value in sets.items()}
     print(f'{name} with RANDOM weights (no download here): the numbers below only show that the pipeline runs, '
           'they say nothing about the method.')
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    fig = Figure(figsize=(12, 3.2))
+    axes = fig.subplots(1, 3)
     with torch.no_grad():
         for ax, (shaping, rectify) in zip(axes, [('none', False), ('ash_s', False), ('ash_s', True)]):
             detector = AshDetector(model, shaping, 90., 'energy', rectify)
@@ -437,5 +397,4 @@ def demo_ash_scores(out_dir: Path) -> None:
     fig.suptitle(f'{name}, random weights: pipeline check only')
     fig.tight_layout()
     fig.savefig(out_dir / 'ood_ash_scores.png', dpi=100)
-    plt.close(fig)
     print(f'  plot: {out_dir / "ood_ash_scores.png"}')

@@ -7,17 +7,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import torch
 import timm
-from timm.data import ImageNetInfo, create_transform, resolve_model_data_config
-from PIL import Image, UnidentifiedImageError
+import torch
+import torch.nn as nn
+from PIL import Image
+from timm.data import ImageNetInfo, create_transform
 
 from .data import bundled_photos
+from .errors import UserError
+from .factory import create_model, resolve_data_config
+from .io import read_image, write_json
+from .options import add_model_options, add_out_option, add_run_options, autocast, model_from_args, resolve_device
+from .registry import FAMILIES
 
-__all__ = ['ZooEntry', 'zoo', 'format_zoo', 'load_model', 'classify']
+__all__ = ['ZooEntry', 'zoo', 'format_zoo', 'count_params', 'classify']
 
-FAN_MODULES = ('fan', 'fan_swin')
-_FAMILIES = (('_hybrid', 'FAN-Hybrid'), ('fan_swin_', 'FAN-Swin'), ('', 'FAN-ViT'))
+DEMO_MODEL = 'fan_tiny_12_p16_224'
+DEMO_WEIGHTS_TIMEOUT = 20  # seconds to try downloading the official FAN-T weights in the demo
 
 
 @dataclass(frozen=True)
@@ -29,26 +35,24 @@ class ZooEntry:
     license: str
 
 
-def _family(name: str) -> str:
-    return next(family for marker, family in _FAMILIES if marker in name)
-
-
-def count_params(name: str) -> int:
+def count_params(name: str, **kwargs) -> int:
     """Parameter count of a registered model, built on the meta device (no memory, no init cost)."""
     with torch.device('meta'):
-        model = timm.create_model(name)
+        model = timm.create_model(name, **kwargs)
     return sum(p.numel() for p in model.parameters())
 
 
-def zoo(pattern: str = 'fan_*') -> List[ZooEntry]:
-    """Every registered FAN model matching ``pattern``."""
+def zoo(pattern: str = '*') -> List[ZooEntry]:
+    """Every registered FAN model whose name matches ``pattern``, family by family."""
     entries = []
-    for name in timm.list_models(pattern, module=list(FAN_MODULES)):
-        weights = tuple(n.split('.', 1)[1] for n in timm.list_pretrained(f'{name}.*'))
-        licenses = {timm.get_pretrained_cfg(f'{name}.{tag}').license for tag in weights}
-        entries.append(ZooEntry(
-            name, _family(name), count_params(name), weights,
-            ', '.join(sorted(lic for lic in licenses if lic)) or '-'))
+    for family in FAMILIES:
+        for name in timm.list_models(pattern, module=family.module):
+            if name not in family.models():
+                continue
+            weights = tuple(n.split('.', 1)[1] for n in timm.list_pretrained(f'{name}.*'))
+            licenses = {timm.get_pretrained_cfg(f'{name}.{tag}').license for tag in weights}
+            entries.append(ZooEntry(name, family.name, count_params(name), weights,
+                                    ', '.join(sorted(lic for lic in licenses if lic)) or '-'))
     return entries
 
 
@@ -61,47 +65,35 @@ def format_zoo(entries: Sequence[ZooEntry]) -> str:
     return '\n'.join(lines)
 
 
-def load_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, **kwargs) -> torch.nn.Module:
-    """Build a timm model by name (FAN or any other); ``checkpoint`` loads a local official/timm file through the
-    model's checkpoint filter (with ``num_classes``, the file's own head of that size is kept), ``pretrained``
-    downloads the default weights."""
-    if not timm.is_model(name):
-        raise ValueError(f'unknown model {name!r}; `fan list` shows the FAN models, timm.list_models() all of them')
-    if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
-        overlay = dict(file=str(checkpoint))
-        if 'num_classes' in kwargs:
-            overlay['num_classes'] = kwargs['num_classes']
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
-
-
-def read_image(path: Path) -> Image.Image:
-    try:
-        return Image.open(path).convert('RGB')
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f'cannot read image {path}: {e}') from e
-
-
 @torch.inference_mode()
-def classify(model: torch.nn.Module, images: Sequence[Image.Image], top_k: int = 5) -> Tuple[torch.Tensor, torch.Tensor]:
+def classify(model: nn.Module, images: Sequence[Image.Image], top_k: int = 5, precision: str = 'fp32'
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k (probabilities, class indices), each (B, k), with the model's own eval preprocessing."""
-    transform = create_transform(**resolve_model_data_config(model))
-    batch = torch.stack([transform(im) for im in images])
-    probs = model.eval()(batch).softmax(dim=-1)
+    transform = create_transform(**resolve_data_config(model))
+    device = next(model.parameters()).device
+    batch = torch.stack([transform(im) for im in images]).to(device)
+    with autocast(precision, device)():
+        probs = model.eval()(batch).float().softmax(dim=-1)
     return probs.topk(min(top_k, probs.shape[-1]), dim=-1)
 
 
-def _print_predictions(names: Sequence[str], probs: torch.Tensor, indices: torch.Tensor,
-                       labels: Optional[Sequence[int]] = None) -> None:
-    info = ImageNetInfo()
+def _predictions(names: Sequence[str], probs: torch.Tensor, indices: torch.Tensor,
+                 labels: Optional[Sequence[int]] = None) -> List[dict]:
+    info = ImageNetInfo() if probs.shape[-1] == 1000 else None
+    rows = []
     for i, name in enumerate(names):
-        truth = f' (true: {info.index_to_description(labels[i])})' if labels else ''
-        print(f'{name}{truth}')
-        for p, c in zip(probs[i].tolist(), indices[i].tolist()):
-            label = info.index_to_description(c) if probs.shape[-1] == 1000 else str(c)
-            print(f'    {p:6.1%}  {label}')
+        top = [{'class': c, 'label': info.index_to_description(c) if info else str(c), 'probability': p}
+               for p, c in zip(probs[i].tolist(), indices[i].tolist())]
+        rows.append({'image': name, 'top': top,
+                     'true_label': info.index_to_description(labels[i]) if labels and info else None})
+    return rows
+
+
+def _print_predictions(rows: Sequence[dict]) -> None:
+    for row in rows:
+        print(row['image'] + (f' (true: {row["true_label"]})' if row['true_label'] else ''))
+        for entry in row['top']:
+            print(f'    {entry["probability"]:6.1%}  {entry["label"]}')
 
 
 def demo_zoo_table(out_dir: Path) -> None:
@@ -111,44 +103,70 @@ def demo_zoo_table(out_dir: Path) -> None:
     (out_dir / 'zoo.txt').write_text(table + '\n')
 
 
-def demo_classify_photos(out_dir: Path, model_name: str = 'fan_tiny_12_p16_224') -> None:
-    """Demo step: a FAN forward pass on the bundled photos (random weights: official weights cannot be fetched here)."""
+def _demo_model() -> Tuple[nn.Module, str]:
+    """FAN-T-ViT with its official weights if they can be fetched within a few seconds, else with random weights."""
+    import socket
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DEMO_WEIGHTS_TIMEOUT)
+    try:
+        return create_model(DEMO_MODEL, pretrained=True), 'official weights (nv_in1k)'
+    except UserError as error:
+        print(f'official weights not available ({str(error)[:200]}): using RANDOM weights, so the predictions '
+              f'mean nothing; the pipeline is the same')
+        torch.manual_seed(0)
+        return create_model(DEMO_MODEL), 'RANDOM weights'
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def demo_classify_photos(out_dir: Path) -> None:
+    """Demo step: FAN-T-ViT on the bundled photos (official weights when they can be downloaded)."""
     photos = bundled_photos()
-    model = load_model(model_name)
+    model, weights = _demo_model()
     probs, indices = classify(model, [p.image for p in photos])
-    print(f'{model_name} with RANDOM weights on {len(photos)} bundled photos: the pipeline runs, the predictions mean '
-          f'nothing (`fan predict --model {model_name} --checkpoint fan_vit_tiny.pth.tar IMAGE` with official weights)')
-    _print_predictions([p.name for p in photos], probs, indices, [p.label for p in photos])
+    print(f'{DEMO_MODEL} with {weights} on {len(photos)} bundled photos:')
+    rows = _predictions([p.name for p in photos], probs, indices, [p.label for p in photos])
+    _print_predictions(rows)
+    write_json(out_dir / 'predictions.json', {'model': DEMO_MODEL, 'weights': weights, 'predictions': rows})
 
 
 def _list(args: argparse.Namespace) -> int:
-    print(format_zoo(zoo(args.filter)))
+    entries = zoo(args.filter)
+    if not entries:
+        raise UserError(f'no FAN model matches {args.filter!r}')
+    print(format_zoo(entries))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    model = model_from_args(args, resolve_device(args.device))
     if args.images:
-        paths = [Path(p) for p in args.images]
-        names, images, labels = [str(p) for p in paths], [read_image(p) for p in paths], None
+        names, images, labels = [str(p) for p in args.images], [read_image(p) for p in args.images], None
     else:
         photos = bundled_photos()
         names, images, labels = [p.name for p in photos], [p.image for p in photos], [p.label for p in photos]
-    probs, indices = classify(model, images, args.top_k)
-    _print_predictions(names, probs, indices, labels)
+    rows = []
+    for start in range(0, len(images), args.batch_size):
+        probs, indices = classify(model, images[start:start + args.batch_size], args.top_k, args.precision)
+        rows += _predictions(names[start:start + args.batch_size], probs, indices,
+                             labels[start:start + args.batch_size] if labels else None)
+    _print_predictions(rows)
+    path = write_json(args.out / 'predictions.json', {'model': args.model, 'predictions': rows})
+    print(f'written: {path}')
     return 0
 
 
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser('list', help='list the FAN models: params, official weights, licence')
-    parser.add_argument('--filter', default='fan_*', help='model name pattern (default: %(default)s)')
+    parser.add_argument('--filter', default='*', help='model name pattern, e.g. "fan_tiny*" (default: all)')
     parser.set_defaults(func=_list)
 
     parser = subparsers.add_parser('predict', help='classify images (default: the bundled photos)')
-    parser.add_argument('--model', default='fan_tiny_12_p16_224', help='any timm model name (default: %(default)s)')
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument('--pretrained', action='store_true', help='download the default official weights')
-    weights.add_argument('--checkpoint', help='a local checkpoint file (official .pth.tar or timm checkpoint)')
-    parser.add_argument('--top-k', type=int, default=5)
-    parser.add_argument('images', nargs='*', help='image files (default: the photos bundled with scikit-image etc.)')
+    add_model_options(parser, default=DEMO_MODEL)
+    parser.add_argument('--top-k', type=int, default=5, help='classes shown per image (default: %(default)s)')
+    parser.add_argument('images', nargs='*', type=Path, metavar='IMAGE',
+                        help='image files (default: the six photos that come with the package)')
+    add_out_option(parser, 'predict-out')
+    add_run_options(parser, batch_size=16, workers=False, seed=None)
     parser.set_defaults(func=_predict)

@@ -1,6 +1,4 @@
 """Tests of fan.analysis: spectral math against naive formulas and scikit-learn/scipy, model hooks, the CLI."""
-import argparse
-import importlib
 import json
 import math
 
@@ -27,11 +25,10 @@ from fan.analysis import (
     token_affinity,
     token_spectrum,
 )
-from fan.analysis.cli import add_commands, create_analysis_model
+from fan.analysis.cli import create_analysis_model
 from fan.analysis.report import default_cluster_blocks
-from fan.cli import COMMAND_MODULES
+from fan.cli import main
 from fan.data import bundled_photos
-from fan.demo import DEMO_STEPS
 
 
 def planted_tokens(ks, num_tokens=196, channels=64, noise=0.1, seed=0):
@@ -235,10 +232,7 @@ def test_noise_sensitivity_grows_with_sigma_on_a_vit():
 
 
 def run_cli(argv):
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers())
-    args = parser.parse_args(['spectrum'] + argv)
-    return args.func(args)
+    return main(['spectrum'] + argv)
 
 
 @pytest.fixture(scope='module')
@@ -254,7 +248,7 @@ def test_cli_writes_json_and_figures(image_folder, tmp_path):
     checkpoint = tmp_path / 'resnet18.pth.tar'
     torch.save({'epoch': 3, 'state_dict': timm.create_model('resnet18').state_dict()}, checkpoint)
     out = tmp_path / 'out'
-    rc = run_cli(['--model', 'vit_tiny_patch16_224', '--compare', f'resnet18={checkpoint}', '--images',
+    rc = run_cli(['--model', 'vit_tiny_patch16_224', '--compare', f'resnet18={checkpoint}', '--data',
                   str(image_folder), '--out', str(out), '--draws', '1', '--cluster-blocks', '0', '-1'])
     assert rc == 0
     result = json.loads((out / 'spectrum.json').read_text())
@@ -273,12 +267,15 @@ def test_cli_writes_json_and_figures(image_folder, tmp_path):
         assert (out / name).stat().st_size > 10_000
 
 
-def test_checkpoint_loading_prefers_ema_weights(tmp_path):
+def test_checkpoint_loading_takes_state_dict_or_ema_weights(tmp_path):
     plain, ema = timm.create_model('resnet18').state_dict(), timm.create_model('resnet18').state_dict()
     assert not torch.equal(plain['conv1.weight'], ema['conv1.weight'])
     torch.save({'state_dict': plain, 'state_dict_ema': ema}, tmp_path / 'saver.pth.tar')
     model, weights = create_analysis_model('resnet18', tmp_path / 'saver.pth.tar')
     assert not model.training and weights.startswith('checkpoint')
+    torch.testing.assert_close(model.state_dict()['conv1.weight'], plain['conv1.weight'])
+    model, weights = create_analysis_model('resnet18', tmp_path / 'saver.pth.tar', use_ema=True)
+    assert weights.endswith('(EMA)')
     torch.testing.assert_close(model.state_dict()['conv1.weight'], ema['conv1.weight'])
 
 
@@ -287,7 +284,7 @@ def test_checkpoint_loading_prefers_ema_weights(tmp_path):
     ('unreadable_image', 'cannot read image'),
     ('missing_images', 'image path does not exist'),
     ('missing_checkpoint', 'checkpoint not found'),
-    ('bad_checkpoint', 'cannot load checkpoint'),
+    ('bad_checkpoint', 'cannot read checkpoint'),
     ('bad_cluster_block', 'cluster block 40 out of range'),
 ])
 def test_cli_reports_bad_input(problem, message, image_folder, tmp_path, capsys):
@@ -306,7 +303,7 @@ def test_cli_reports_bad_input(problem, message, image_folder, tmp_path, capsys)
         args['checkpoint'] = str(tmp_path / 'bad.pth')
     elif problem == 'bad_cluster_block':
         args['cluster_block'] = '40'
-    argv = ['--model', args['model'], '--images', args['images'], '--out', str(tmp_path / 'out'), '--draws', '1',
+    argv = ['--model', args['model'], '--data', args['images'], '--out', str(tmp_path / 'out'), '--draws', '1',
             '--cluster-blocks', args['cluster_block']]
     if args['checkpoint']:
         argv += ['--checkpoint', args['checkpoint']]
@@ -321,9 +318,3 @@ def test_default_cluster_blocks_span_the_depth():
     assert default_cluster_blocks(12) == (0, 4, 7, 11)
     assert default_cluster_blocks(5) == (0, 1, 3, 4)
     assert default_cluster_blocks(2) == (0, 1)
-
-
-def test_command_and_demo_step_are_registered():
-    assert 'fan.analysis.cli' in COMMAND_MODULES
-    module_name, function_name = next(step for step in DEMO_STEPS if step.startswith('fan.analysis')).split(':')
-    assert callable(getattr(importlib.import_module(module_name), function_name))

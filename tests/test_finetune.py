@@ -1,5 +1,4 @@
 """Linear probe, fine-tuning and LP-FT on tiny image folders written to tmp_path."""
-import argparse
 import json
 from pathlib import Path
 
@@ -10,11 +9,13 @@ import torch
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
+from timm.data import create_transform
+
+from fan import create_model, resolve_data_config
+from fan.cli import main
 from fan.finetune import (
-    add_commands, feature_distortion, fine_tune, fit_linear_probe, load_image_folders, run_transfer,
-    set_linear_classifier,
+    feature_distortion, fine_tune, fit_linear_probe, load_image_folders, run_transfer, set_linear_classifier,
 )
-from fan.ood import create_eval_transform
 
 COLOURS = ((200, 40, 40), (40, 180, 40), (40, 60, 200))  # one class per dominant colour
 
@@ -48,15 +49,10 @@ def small_resnet(seed: int = 0) -> torch.nn.Module:
 
 
 def folders(root: Path, model: torch.nn.Module, ood: bool = True):
-    transform = create_eval_transform(model, img_size=32)
+    transform = create_transform(**resolve_data_config(model, img_size=32))
     return load_image_folders(str(root / 'data'), transform, transform, str(root / 'ood') if ood else None)
 
 
-def run_cli(argv: list) -> int:
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -131,8 +127,9 @@ def test_lpft_distorts_features_less_than_ft(dataset, tmp_path):
     assert lpft['id_accuracy'] >= ft['id_accuracy'] and lpft['ood_accuracy'] >= ft['ood_accuracy']
     assert lpft['linear_probe']['c'] == lp['linear_probe']['c']
     assert json.loads((tmp_path / 'lpft' / 'results.json').read_text()) == lpft
-    # the saved model is the one that was evaluated, and timm can load it
-    reloaded = timm.create_model('resnet18', num_classes=3, checkpoint_path=str(tmp_path / 'lpft' / 'model_best.pth'))
+    # the saved model is the one that was evaluated, and it loads through the model path with its own head
+    reloaded = create_model('resnet18', checkpoint=tmp_path / 'lpft' / 'model_best.pth')
+    assert reloaded.num_classes == 3
     data = folders(dataset, reloaded, ood=False)
     images = torch.stack([data.val[i][0] for i in range(len(data.val))])
     labels = torch.tensor(data.val.targets)
@@ -198,7 +195,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(dataset, tmp_path):
 
 def test_cli_finetune_linear_probe(dataset, tmp_path, capsys):
     out = tmp_path / 'out'
-    assert run_cli(['finetune', '--model', 'resnet18', '--data', str(dataset / 'data'), '--ood', str(dataset / 'ood'),
+    assert main(['finetune', '--model', 'resnet18', '--data', str(dataset / 'data'), '--ood', str(dataset / 'ood'),
                     '--mode', 'lp', '--img-size', '32', '--workers', '0', '--out', str(out)]) == 0
     results = json.loads((out / 'results.json').read_text())
     assert results['mode'] == 'lp' and results['classes'] == ['class_0', 'class_1', 'class_2']

@@ -1,5 +1,4 @@
 """ASH shapings, OOD scores, metrics and the detector, checked against naive implementations of the formulas."""
-import argparse
 import json
 import math
 
@@ -10,18 +9,10 @@ import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from fan.cli import main
 from fan.ood import (
-    AshDetector, ImageFiles, add_commands, ash_b, ash_p, ash_rand, ash_s, create_model, energy, keep_count, max_logit,
-    msp, ood_metrics, scale,
+    AshDetector, ImageFiles, ash_b, ash_p, ash_rand, ash_s, energy, keep_count, max_logit, msp, ood_metrics, scale,
 )
-
-
-def run_cli(argv: list) -> int:
-    """``fan <argv>`` with only this module's sub-command (other modules of the CLI are not needed)."""
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 # ----------------------------------------------------------------------------- naive references, one sample at a time
@@ -228,22 +219,6 @@ def test_fan_model_if_registered():
         assert AshDetector(model, 'ash_s', 90, rectify=True)(images).shape == (2,)
 
 
-def test_create_model_loads_fine_tuned_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    saved = timm.create_model('resnet18', num_classes=3)
-    torch.save({'state_dict': saved.state_dict()}, tmp_path / 'model_best.pth')
-    loaded = create_model('resnet18', checkpoint=str(tmp_path / 'model_best.pth'), num_classes=3)
-    for key, value in saved.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key  # the fine-tuned classifier included
-    with pytest.raises(RuntimeError, match='does not fit resnet18 with 5 classes'):
-        create_model('resnet18', checkpoint=str(tmp_path / 'model_best.pth'), num_classes=5)
-    with pytest.raises(ValueError, match="unknown model 'resnet1888'"):
-        create_model('resnet1888')
-    for num_classes in (None, 3):
-        with pytest.raises(FileNotFoundError, match='checkpoint not found'):
-            create_model('resnet18', checkpoint=str(tmp_path / 'missing.pth'), num_classes=num_classes)
-
-
 # ----------------------------------------------------------------------------- command line
 
 def _write_images(folder, count, seed, noise):
@@ -264,9 +239,9 @@ def test_cli_ood(tmp_path, capsys):
     checkpoint = tmp_path / 'model.pth'
     torch.save(timm.create_model('resnet18', num_classes=3).state_dict(), checkpoint)
     args = ['ood', '--model', 'resnet18', '--checkpoint', str(checkpoint), '--num-classes', '3', '--img-size', '32',
-            '--id', str(tmp_path / 'id'), '--ood', str(tmp_path / 'noise'), '--workers', '0',
+            '--data', str(tmp_path / 'id'), '--ood', str(tmp_path / 'noise'), '--workers', '0',
             '--shaping', 'none', 'ash_s', '--percentile', '80', '--rectify', '--out', str(tmp_path / 'out')]
-    assert run_cli(args) == 0
+    assert main(args) == 0
     report = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
     assert [r['shaping'] for r in report['results']] == ['none', 'ash_s']
     for result in report['results']:

@@ -18,7 +18,7 @@ from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_model_data_config
 
 import fan.robustness.benchmarks as benchmarks
-from fan.robustness.cli import main
+from fan.cli import main
 from fan.robustness.data import find_imagenet_c_cells, imagenet_subset_indices, list_class_folders
 
 MODEL, IMG_SIZE = 'resnet18', 32
@@ -110,9 +110,10 @@ def test_missing_folders_are_reported_with_what_exists(tmp_path):
 
 
 def test_eval_c_matches_naive_loop(imagenet_c, tmp_path):
-    out = tmp_path / 'res.json'
+    out = tmp_path / 'res'
     assert main(_eval_c_args(imagenet_c, out, '--workers', '2', corruptions=None)) == 0
-    results = json.loads(out.read_text())
+    results = json.loads((out / 'imagenet_c.json').read_text())
+    assert results['protocol'] == 'as-stored'
     # by default the 15 standard corruptions are expected (13 reported missing), the extras only if present
     assert len(results['missing']) == 13 and any(m.startswith('fog:') for m in results['missing'])
     assert not any('spatter' in m for m in results['missing'])
@@ -132,13 +133,13 @@ def test_eval_c_matches_naive_loop(imagenet_c, tmp_path):
     # the truncated JPEG is counted and reported, not fatal
     assert results['skipped_images'] == 1
     assert results['skipped'][0]['cell'] == BROKEN_CELL and 'broken.JPEG' in results['skipped'][0]['error']
-    markdown = out.with_suffix('.md').read_text()
+    markdown = (out / 'imagenet_c.md').read_text()
     assert '| gaussian_noise |' in markdown and 'Incomplete aggregates' in markdown
-    assert out.with_suffix('.png').stat().st_size > 0
+    assert (out / 'imagenet_c.png').stat().st_size > 0
 
 
 def test_resume_after_interrupted_run(imagenet_c, tmp_path, monkeypatch):
-    reference_out = tmp_path / 'uninterrupted.json'
+    reference_out = tmp_path / 'uninterrupted'
     assert main(_eval_c_args(imagenet_c, reference_out, '--workers', '0')) == 0
     real_evaluate_cells = benchmarks.evaluate_cells
     evaluated = []
@@ -151,12 +152,11 @@ def test_resume_after_interrupted_run(imagenet_c, tmp_path, monkeypatch):
                 raise KeyboardInterrupt  # Ctrl-C once two cells are finished
         return real_evaluate_cells(model, transform, cells, context, tracking, **kwargs)
 
-    out = tmp_path / 'res.json'
+    out = tmp_path / 'res'
     monkeypatch.setattr(benchmarks, 'evaluate_cells', interrupted_after_two_cells)
-    with pytest.raises(KeyboardInterrupt):
-        main(_eval_c_args(imagenet_c, out, '--workers', '0'))
-    assert sorted(json.loads(out.read_text())['cells']) == sorted(evaluated) and len(evaluated) == 2
-    assert not out.with_suffix('.md').exists()
+    assert main(_eval_c_args(imagenet_c, out, '--workers', '0')) == 130  # interrupted
+    assert sorted(json.loads((out / 'imagenet_c.json').read_text())['cells']) == sorted(evaluated)
+    assert len(evaluated) == 2 and not (out / 'imagenet_c.md').exists()
 
     requested = []
 
@@ -167,7 +167,7 @@ def test_resume_after_interrupted_run(imagenet_c, tmp_path, monkeypatch):
     monkeypatch.setattr(benchmarks, 'evaluate_cells', recording)
     assert main(_eval_c_args(imagenet_c, out, '--workers', '0')) == 0
     assert sorted(requested[0]) == sorted(set(CELLS) - set(evaluated))  # only the unfinished cells
-    assert json.loads(out.read_text()) == json.loads(reference_out.read_text())
+    assert json.loads((out / 'imagenet_c.json').read_text()) == json.loads((reference_out / 'imagenet_c.json').read_text())
     assert main(_eval_c_args(imagenet_c, out, '--workers', '0', '--force')) == 0
     assert sorted(requested[1]) == sorted(CELLS)
     # other settings must not silently mix into the same file
@@ -182,11 +182,11 @@ def test_eval_imagenet_r_uses_the_200_class_mask(tmp_path):
     transform = create_transform(**resolve_model_data_config(model, args={'img_size': IMG_SIZE}))
     subset = imagenet_subset_indices('imagenet-r')
     correct = _write_labelled_images(tmp_path / 'r', model, transform, np.random.default_rng(2), subset)
-    out = tmp_path / 'r.json'
+    out = tmp_path / 'r'
     assert main(['eval', '--dataset', 'imagenet-r', '--data', str(tmp_path / 'r'), '--model',
                  'vit_tiny_patch16_224', '--img-size', str(IMG_SIZE), '--checkpoint', str(checkpoint),
                  '--out', str(out), '--workers', '0', '--device', 'cpu']) == 0
-    results = json.loads(out.read_text())
+    results = json.loads((out / 'imagenet-r.json').read_text())
     assert results['top1'] == pytest.approx(100 * correct[0] / IMAGES_PER_CELL)
     assert results['top5'] == pytest.approx(100 * correct[1] / IMAGES_PER_CELL)
     assert results['images'] == IMAGES_PER_CELL and results['dataset'] == 'imagenet-r'
@@ -200,26 +200,26 @@ def test_fan_models_evaluate_like_a_naive_loop(name, tmp_path):
     model = timm.create_model(name, checkpoint_path=str(checkpoint)).eval()
     transform = create_transform(**resolve_model_data_config(model, args={'img_size': 64}))
     correct = _write_labelled_images(tmp_path / 'val', model, transform, np.random.default_rng(3))
-    out = tmp_path / 'fan.json'
-    assert main(['eval', '--dataset', 'imagenet', '--data', str(tmp_path / 'val'), '--model', name,
+    out = tmp_path / 'fan'
+    assert main(['eval', '--data', str(tmp_path / 'val'), '--model', name,
                  '--img-size', '64', '--checkpoint', str(checkpoint), '--out', str(out), '--workers', '0',
                  '--device', 'cpu']) == 0
-    results = json.loads(out.read_text())
+    results = json.loads((out / 'imagenet.json').read_text())
     assert results['data_config']['crop_pct'] == 1.0  # FAN's own config, kept unless overridden
     assert (results['top1'], results['top5']) == pytest.approx(tuple(100 * correct / IMAGES_PER_CELL))
 
 
 def test_clear_errors(imagenet_c, tmp_path, capsys):
-    assert main(_eval_c_args(imagenet_c, tmp_path / 'x.json')[:2] + ['resnet_18'] +
-                _eval_c_args(imagenet_c, tmp_path / 'x.json')[3:]) == 2
+    assert main(_eval_c_args(imagenet_c, tmp_path / 'x')[:2] + ['resnet_18'] +
+                _eval_c_args(imagenet_c, tmp_path / 'x')[3:]) == 2
     assert "unknown model 'resnet_18'" in capsys.readouterr().err
     bad = tmp_path / 'bad.pth'
     bad.write_bytes(b'not a checkpoint')
-    args = _eval_c_args(imagenet_c, tmp_path / 'x.json')
+    args = _eval_c_args(imagenet_c, tmp_path / 'x')
     args[args.index('--checkpoint') + 1] = str(bad)
     assert main(args) == 2
-    assert 'from checkpoint' in capsys.readouterr().err
-    args = _eval_c_args(imagenet_c, tmp_path / 'x.json')
+    assert f'cannot read checkpoint {bad}' in capsys.readouterr().err
+    args = _eval_c_args(imagenet_c, tmp_path / 'x')
     args[args.index('--data') + 1] = str(tmp_path / 'missing')
     assert main(args) == 2
     assert 'ImageNet-C folder not found' in capsys.readouterr().err
@@ -232,14 +232,14 @@ def _free_port() -> int:
 
 
 def test_torchrun_two_processes_match_single_process(imagenet_c, tmp_path):
-    single = tmp_path / 'single.json'
+    single = tmp_path / 'single'
     assert main(_eval_c_args(imagenet_c, single, '--workers', '0')) == 0
-    sharded = tmp_path / 'sharded.json'
+    sharded = tmp_path / 'sharded'
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr',
-               '127.0.0.1', '--master_port', str(_free_port()), '-m', 'fan.robustness.cli',
+               '127.0.0.1', '--master_port', str(_free_port()), '-m', 'fan',
                *_eval_c_args(imagenet_c, sharded, '--workers', '0')]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'on 2 process(es)' in run.stdout
-    assert json.loads(sharded.read_text()) == json.loads(single.read_text())
+    assert json.loads((sharded / 'imagenet_c.json').read_text()) == json.loads((single / 'imagenet_c.json').read_text())

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fan.robustness.cli import main
+from fan.cli import main
 from fan.robustness.corrupt import cell_seed, corrupt_image, make_imagenet_c
 from fan.robustness.metrics import ALL_CORRUPTIONS
 
@@ -63,7 +63,7 @@ def test_corrupt_image_is_seeded_and_leaves_global_rng_alone():
 def test_resume_parallel_and_bad_input(source, tmp_path, capsys):
     dst = tmp_path / 'c'
     (source / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
-    args = ['make-c', '--src', str(source), '--dst', str(dst), '--size', str(SIZE), '--seed', '5',
+    args = ['make-c', '--data', str(source), '--out', str(dst), '--size', str(SIZE), '--seed', '5',
             '--corruptions', 'shot_noise', 'frost', '--severities', '2', '3']
     assert main(args + ['--workers', '2']) == 0
     out = capsys.readouterr().out
@@ -80,5 +80,5 @@ def test_resume_parallel_and_bad_input(source, tmp_path, capsys):
     assert '8 files written, 0 already there' in capsys.readouterr().out
     assert main(args + ['--workers', '1', '--size', '48']) == 2  # would mix two settings in one folder
     assert 'seed 5 and size 32' in capsys.readouterr().err
-    assert main(['make-c', '--src', str(tmp_path / 'none'), '--dst', str(dst)]) == 2
+    assert main(['make-c', '--data', str(tmp_path / 'none'), '--out', str(dst)]) == 2
     assert 'source image folder not found' in capsys.readouterr().err

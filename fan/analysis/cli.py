@@ -5,9 +5,6 @@ models survive an interrupted run), ``spectra.png``, ``depth.png`` and ``cluster
 """
 import argparse
 import dataclasses
-import json
-import pickle
-import sys
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -16,79 +13,54 @@ import timm
 import torch
 import torch.nn as nn
 from PIL import Image
-from timm.data import create_transform, resolve_model_data_config
-from timm.data.readers.img_extensions import get_img_extensions
+from timm.data import create_transform
 from tqdm import tqdm
 
-from fan.zoo import load_model, read_image
-
-from .plots import plot_cluster_maps, plot_depth_curves, plot_spectra
+from ..errors import MissingPathError, UserError, require_extra
+from ..factory import create_model, resolve_data_config
+from ..io import find_images, read_image, write_json
+from ..options import add_data_option, add_model_options, add_out_option, add_run_options
 from .report import AnalysisSettings, ModelReport, analyse_model
 
-__all__ = [
-    'SpectrumInputError', 'find_images', 'load_images', 'create_analysis_model', 'run_spectrum', 'add_commands',
-    'demo_spectrum',
-]
+__all__ = ['image_files', 'load_images', 'create_analysis_model', 'run_spectrum', 'add_commands', 'demo_spectrum']
 
 NamedImage = Tuple[str, Image.Image]
 ModelSpec = Tuple[str, Optional[Path]]  # timm model name, checkpoint file or None
 
 
-class SpectrumInputError(ValueError):
-    """Bad user input (model name, checkpoint, image, setting), reported as a one-line error by the CLI."""
-
-
-def find_images(paths: Sequence[str]) -> List[Path]:
-    """Image files named by ``paths``: files as given, folders searched recursively (sorted .png/.jpg/.jpeg)."""
+def image_files(paths: Sequence[Path]) -> List[Path]:
+    """Image files named by ``paths``: files as given, folders searched recursively (sorted)."""
     files: List[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob('*') if p.is_file() and p.suffix.lower() in get_img_extensions())
-            if not found:
-                raise SpectrumInputError(f'no images ({", ".join(get_img_extensions())}) in folder {path}')
-            files += found
+            files += find_images(path)
         elif path.is_file():
             files.append(path)
         else:
-            raise SpectrumInputError(f'image path does not exist: {path}')
+            raise MissingPathError(f'image path does not exist: {path}')
     return files
 
 
 def load_images(files: Sequence[Path]) -> List[NamedImage]:
-    """(file name, RGB image) pairs; an unreadable file raises ``SpectrumInputError`` naming it."""
-    images = []
-    for file in files:
-        try:
-            images.append((str(file), read_image(file)))
-        except ValueError as err:
-            raise SpectrumInputError(str(err)) from err
-    return images
+    """(file name, RGB image) pairs; an unreadable file is a ``UserError`` naming it."""
+    return [(str(file), read_image(file)) for file in files]
 
 
 def create_analysis_model(
         name: str,
         checkpoint: Optional[Path] = None,
         pretrained: bool = False,
+        use_ema: bool = False,
 ) -> Tuple[nn.Module, str]:
-    """A timm (or FAN) model in eval mode and a description of its weights, built with ``fan.zoo.load_model``.
-
-    ``checkpoint`` is loaded through timm's pretrained path (``torch.load(weights_only=True)`` or safetensors; a
-    CheckpointSaver dict's 'state_dict_ema' is preferred over 'state_dict'; the model's checkpoint filter runs).
-    Otherwise ``pretrained`` loads timm's released weights, and without either the weights stay random.
-    """
-    try:
-        model = load_model(name, pretrained=pretrained, checkpoint=None if checkpoint is None else str(checkpoint))
-    except ValueError as err:  # unknown model
-        raise SpectrumInputError(str(err)) from err
-    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as err:  # missing/bad file, no network
-        source = f'checkpoint {checkpoint}' if checkpoint is not None else 'timm pretrained weights'
-        raise SpectrumInputError(f'cannot load {source} into {name}: {err}') from err
+    """A timm (or FAN) model in eval mode (built with :func:`fan.create_model`) and a description of its weights."""
+    model = create_model(name, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint,
+                         use_ema=use_ema)
     if not hasattr(model, 'forward_intermediates'):
-        raise SpectrumInputError(f'{name} has no forward_intermediates(), so its blocks cannot be analysed')
+        raise UserError(f'{name} has no forward_intermediates(), so its blocks cannot be analysed')
     if checkpoint is not None:
-        weights = f'checkpoint {checkpoint}'
+        weights = f'checkpoint {checkpoint}' + (' (EMA)' if use_ema else '')
     else:
-        weights = 'timm pretrained' if pretrained else 'random init'
+        weights = 'pretrained' if pretrained else 'random init'
     return model.eval(), weights
 
 
@@ -100,7 +72,7 @@ def _parse_model_spec(spec: str) -> ModelSpec:
 
 def _batches(model: nn.Module, images: Sequence[NamedImage], batch_size: int) -> Iterator[torch.Tensor]:
     """Normalised (B, 3, H, W) batches made with the model's eval transform."""
-    transform = create_transform(**resolve_model_data_config(model))
+    transform = create_transform(**resolve_data_config(model))
     for start in range(0, len(images), batch_size):
         yield torch.stack([transform(image) for _, image in images[start:start + batch_size]])
 
@@ -128,9 +100,7 @@ def _write_json(
         images=[name for name, _ in images],
         models=[dataclasses.asdict(report) for report in reports],
     )
-    temporary = path.with_suffix('.json.tmp')
-    temporary.write_text(json.dumps(result))
-    temporary.replace(path)
+    write_json(path, result, indent=None)
 
 
 def _print_report(report: ModelReport, num_images: int) -> None:
@@ -150,23 +120,28 @@ def run_spectrum(
         settings: AnalysisSettings,
         pretrained: bool = False,
         batch_size: int = 8,
+        use_ema: bool = False,
 ) -> List[ModelReport]:
     """Analyse every model on ``images`` and write spectrum.json and the figures under ``out_dir``."""
+    require_extra('matplotlib', 'analysis')
+    require_extra('sklearn', 'analysis')
+    from .plots import plot_cluster_maps, plot_depth_curves, plot_spectra
+
     if not images:
-        raise SpectrumInputError('no images given')
+        raise UserError('no images given')
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = []
     view_transforms = []  # per model: the image as the model sees it (resized and cropped, not normalised)
     for name, checkpoint in model_specs:
-        model, weights = create_analysis_model(name, checkpoint, pretrained)
+        model, weights = create_analysis_model(name, checkpoint, pretrained, use_ema)
         batches = tqdm(_batches(model, images, batch_size), desc=name, total=-(-len(images) // batch_size),
                        leave=False)
         try:
             report = analyse_model(model, batches, settings, name, weights)
-        except ValueError as err:  # e.g. a cluster block out of range for this model
-            raise SpectrumInputError(f'{name}: {err}') from err
+        except UserError as err:  # e.g. a cluster block out of range for this model
+            raise UserError(f'{name}: {err}') from None
         reports.append(report)
-        view_transforms.append(create_transform(**resolve_model_data_config(model), normalize=False))
+        view_transforms.append(create_transform(**resolve_data_config(model), normalize=False))
         _write_json(out_dir / 'spectrum.json', settings, images, reports)
         _print_report(report, len(images))
     if any(report.weights == 'random init' for report in reports):
@@ -187,17 +162,17 @@ def run_spectrum(
 
 def _settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
     if args.sigma < 0:
-        raise SpectrumInputError(f'--sigma must be >= 0, got {args.sigma}')
+        raise UserError(f'--sigma must be >= 0, got {args.sigma}')
     if args.draws < 1:
-        raise SpectrumInputError(f'--draws must be >= 1, got {args.draws}')
+        raise UserError(f'--draws must be >= 1, got {args.draws}')
     if not 0 < args.threshold < 1:
-        raise SpectrumInputError(f'--threshold must be in (0, 1), got {args.threshold}')
+        raise UserError(f'--threshold must be in (0, 1), got {args.threshold}')
     if args.max_k < 1:
-        raise SpectrumInputError(f'--max-k must be >= 1, got {args.max_k}')
+        raise UserError(f'--max-k must be >= 1, got {args.max_k}')
     if not 1 <= args.clusters <= 20:
-        raise SpectrumInputError(f'--clusters must be in [1, 20], got {args.clusters}')
+        raise UserError(f'--clusters must be in [1, 20], got {args.clusters}')
     if args.max_tokens and args.max_tokens < max(args.clusters, 2):
-        raise SpectrumInputError(f'--max-tokens must be at least --clusters and 2, got {args.max_tokens}')
+        raise UserError(f'--max-tokens must be at least --clusters and 2, got {args.max_tokens}')
     return AnalysisSettings(
         sigma=args.sigma, num_draws=args.draws, rel_threshold=args.threshold, max_k=args.max_k, center=args.center,
         cosine=args.cosine, max_tokens=args.max_tokens or None, num_clusters=args.clusters,
@@ -206,17 +181,13 @@ def _settings_from_args(args: argparse.Namespace) -> AnalysisSettings:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        if args.batch_size < 1:
-            raise SpectrumInputError(f'--batch-size must be >= 1, got {args.batch_size}')
-        settings = _settings_from_args(args)
-        specs = [(args.model, Path(args.checkpoint) if args.checkpoint else None)]
-        specs += [_parse_model_spec(spec) for spec in args.compare]
-        images = load_images(find_images(args.images))
-        run_spectrum(specs, images, Path(args.out), settings, pretrained=args.pretrained, batch_size=args.batch_size)
-    except SpectrumInputError as err:
-        print(f'fan spectrum: error: {err}', file=sys.stderr)
-        return 2
+    if args.batch_size < 1:
+        raise UserError(f'--batch-size must be >= 1, got {args.batch_size}')
+    settings = _settings_from_args(args)
+    specs = [(args.model, args.checkpoint)] + [_parse_model_spec(spec) for spec in args.compare]
+    images = load_images(image_files(args.data))
+    run_spectrum(specs, images, args.out, settings, pretrained=args.pretrained, batch_size=args.batch_size,
+                 use_ema=args.ema)
     return 0
 
 
@@ -226,16 +197,11 @@ def add_commands(subparsers) -> None:
         description='Per block of each model: eigenvalue spectrum of the token affinity S = Z Z^T, '
                     'significant-eigenvalue count, eigengap cluster count and spectral-cluster maps, for clean '
                     'and Gaussian-noise input, plus the relative feature change caused by the noise.')
-    parser.add_argument('--model', required=True, help='timm or FAN model name')
-    parser.add_argument('--checkpoint', help='state dict for --model (.pth/.pth.tar/.safetensors; '
-                                             "CheckpointSaver files with 'state_dict'/'state_dict_ema' work)")
+    add_model_options(parser, num_classes=False, img_size=False)
     parser.add_argument('--compare', nargs='+', default=[], metavar='NAME[=CHECKPOINT]',
                         help='more models drawn in the same figures')
-    parser.add_argument('--pretrained', action='store_true',
-                        help="load timm's released weights for models without a checkpoint (needs network or cache)")
-    parser.add_argument('--images', nargs='+', required=True, metavar='PATH',
-                        help='image files and/or folders (searched recursively for .png/.jpg/.jpeg)')
-    parser.add_argument('--out', required=True, help='output folder')
+    add_data_option(parser, 'image files and/or folders (searched recursively)', nargs='+')
+    add_out_option(parser, 'spectrum-out')
     parser.add_argument('--sigma', type=float, default=0.1,
                         help='input noise std in [0,1] pixel units (default %(default)s)')
     parser.add_argument('--draws', type=int, default=4, help='noise draws per image (default %(default)s)')
@@ -249,8 +215,7 @@ def add_commands(subparsers) -> None:
     parser.add_argument('--clusters', type=int, default=2, help='clusters in the cluster maps (default %(default)s)')
     parser.add_argument('--cluster-blocks', type=int, nargs='+', metavar='INDEX',
                         help='blocks with cluster maps, negative counts from the end (default: 4 evenly spaced)')
-    parser.add_argument('--batch-size', type=int, default=8, help='images per forward pass (default %(default)s)')
-    parser.add_argument('--seed', type=int, default=0, help='noise and k-means seed (default %(default)s)')
+    add_run_options(parser, batch_size=8, workers=False, precision=False, device=False)
     parser.set_defaults(func=_run)
 
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .blocks import block_feature_maps, map_to_tokens, noisy_block_feature_maps, pool_to_max_tokens, relative_change
 from .spectrum import TokenSpectrum, spectral_clusters, token_spectrum
+from ..errors import UserError
 
 __all__ = ['AnalysisSettings', 'BlockReport', 'ModelReport', 'analyse_model', 'default_cluster_blocks']
 
@@ -67,7 +68,7 @@ def _resolve_cluster_blocks(requested: Optional[Sequence[int]], num_blocks: int)
         return default_cluster_blocks(num_blocks)
     for index in requested:
         if not -num_blocks <= index < num_blocks:
-            raise ValueError(f'cluster block {index} out of range for a model with {num_blocks} blocks')
+            raise UserError(f'cluster block {index} out of range for a model with {num_blocks} blocks')
     return tuple(sorted({index % num_blocks for index in requested}))
 
 
@@ -129,7 +130,7 @@ def analyse_model(
         })
 
     if not noise_ratios:
-        raise ValueError('no images to analyse')
+        raise UserError('no images to analyse')
     noise_ratio = torch.cat(noise_ratios)  # (num_images, num_blocks)
     blocks = []
     for index, feature_map in enumerate(clean_maps):

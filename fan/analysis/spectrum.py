@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
+
+from ..errors import require_extra
 
 __all__ = [
     'TokenSpectrum', 'token_affinity', 'affinity_spectrum', 'significant_eigenvalue_count', 'effective_rank',
@@ -166,7 +167,8 @@ def spectral_clusters(tokens: torch.Tensor, k: int, center: bool = False, seed: 
     _, eigenvectors = torch.linalg.eigh(normalized_laplacian(tokens, center))
     embedding = F.normalize(eigenvectors[:, :, :k], dim=-1).cpu().numpy()  # (B, N, k)
     labels = [
-        _labels_in_order_of_appearance(KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(sample))
+        _labels_in_order_of_appearance(require_extra('sklearn.cluster', 'analysis').KMeans(
+            n_clusters=k, n_init=10, random_state=seed).fit_predict(sample))
         for sample in embedding
     ]
     return torch.from_numpy(np.stack(labels)).long()

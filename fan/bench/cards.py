@@ -18,9 +18,12 @@ import torch.nn as nn
 
 from ..models.fan import Fan, HybridEmbed
 from ..models.fan_swin import FanSwin
-from ..zoo import FAN_MODULES, zoo
+from ..factory import create_model
+from ..registry import FAMILIES, fan_models
+from ..zoo import zoo
 from .flops import count_gmacs, count_params
 from .published import fan_results
+from ..errors import MissingPathError, UserError
 
 __all__ = [
     'ZOO_START', 'ZOO_END', 'fan_model_names', 'describe_architecture', 'build_card', 'load_cards', 'write_cards',
@@ -30,12 +33,11 @@ __all__ = [
 ZOO_START, ZOO_END = '<!-- zoo:start -->', '<!-- zoo:end -->'
 _GMACS_NOTE = 'fvcore multiply-adds per image (G) at input_size, attention matmuls counted (fused attention off)'
 _GMACS_TOLERANCE = 5e-4  # G: cards store 4 decimals
-_FAMILY_ORDER = ('FAN-ViT', 'FAN-Hybrid', 'FAN-Swin')  # zoo table order, then by size
 
 
 def fan_model_names() -> List[str]:
     """Every registered FAN model (untagged names)."""
-    return timm.list_models('fan_*', module=list(FAN_MODULES))
+    return fan_models()
 
 
 def describe_architecture(model: nn.Module) -> Dict[str, Any]:
@@ -75,14 +77,14 @@ def _published(name: str) -> List[Dict[str, Any]]:
 
 def _meta_model(name: str, **kwargs: Any) -> nn.Module:
     with torch.device('meta'):  # structure only: no memory, no init
-        return timm.create_model(name, **kwargs)
+        return create_model(name, **kwargs)
 
 
 def build_card(name: str) -> Dict[str, Any]:
     """The card of the registered FAN model ``name``, computed from the code (fvcore runs: seconds to a minute)."""
     entry = next((e for e in zoo(name) if e.name == name), None)
     if entry is None:
-        raise ValueError(f'unknown FAN model {name!r}; `fan list` shows the registered ones')
+        raise UserError(f'unknown FAN model {name!r}; `fan list` shows the registered ones')
     model = _meta_model(name)
     cfg = model.pretrained_cfg
     input_size = tuple(cfg['input_size'])
@@ -121,12 +123,12 @@ def build_card(name: str) -> Dict[str, Any]:
 def load_cards(card_dir: Path) -> Dict[str, Dict[str, Any]]:
     """Every card in ``card_dir``, by model name."""
     if not card_dir.is_dir():
-        raise FileNotFoundError(f'no card folder {card_dir}')
+        raise MissingPathError(f'no card folder {card_dir}')
     cards = {}
     for path in sorted(card_dir.glob('*.json')):
         card = json.loads(path.read_text())
         if card.get('model') != path.stem:
-            raise ValueError(f'{path} describes {card.get("model")!r}, not {path.stem!r}')
+            raise UserError(f'{path} describes {card.get("model")!r}, not {path.stem!r}')
         cards[path.stem] = card
     return cards
 
@@ -189,7 +191,7 @@ def zoo_table(cards: Dict[str, Dict[str, Any]]) -> str:
     header = ('| model | family | input | params (M) | GMACs | IN-1K | IN-C | IN-A | IN-R | checkpoint |\n'
               '|---|---|---|---|---|---|---|---|---|---|')
     lines, licenses = [header], set()
-    for card in sorted(cards.values(), key=lambda c: (_FAMILY_ORDER.index(c['family']), c['param_count'])):
+    for card in sorted(cards.values(), key=lambda c: ([f.name for f in FAMILIES].index(c['family']), c['param_count'])):
         name, results = card['model'], {r['tag']: r for r in card['published']}
         for w in card['weights']:
             licenses.add(w['license'])
@@ -221,7 +223,7 @@ def update_readme(readme: Path, cards: Dict[str, Dict[str, Any]]) -> bool:
     text = readme.read_text()
     pattern = re.compile(re.escape(ZOO_START) + r'.*?' + re.escape(ZOO_END), re.S)
     if not pattern.search(text):
-        raise ValueError(f'{readme} has no {ZOO_START} ... {ZOO_END} block')
+        raise UserError(f'{readme} has no {ZOO_START} ... {ZOO_END} block')
     new = pattern.sub(lambda _: f'{ZOO_START}\n{zoo_table(cards)}\n{ZOO_END}', text)
     readme.write_text(new)
     return new != text

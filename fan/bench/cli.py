@@ -2,10 +2,11 @@
 import argparse
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Dict, Sequence
 
-from .child import ChildError
-from .measure import DTYPES, MODES, BenchSettings
+from ..errors import UserError
+from ..options import PRECISIONS, add_out_option, resolve_device
+from .measure import MODES, BenchSettings
 from .runner import GMACS_NOTE, QUICK_MODELS, default_models, format_table, run_benchmark
 
 __all__ = ['add_commands', 'settings_from_args', 'print_report', 'demo_bench']
@@ -21,12 +22,13 @@ _TABLE = (
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     """Benchmark settings from parsed ``fan bench`` arguments; unset sizes take the device's defaults."""
-    batch_size, warmup, repeats = _DEVICE_DEFAULTS['cuda' if args.device.startswith('cuda') else 'cpu']
+    device = resolve_device(args.device)
+    batch_size, warmup, repeats = _DEVICE_DEFAULTS[device.type if device.type in _DEVICE_DEFAULTS else 'cpu']
     return BenchSettings(
-        device=args.device,
+        device=str(device),
         batch_size=batch_size if args.batch_size is None else args.batch_size,
         img_size=args.img_size,
-        dtype=args.dtype,
+        dtype=args.precision,
         channels_last=args.channels_last,
         compile=args.compile,
         grad_checkpointing=args.grad_checkpointing,
@@ -54,7 +56,7 @@ def print_report(rows: Sequence[Dict[str, Any]], settings: BenchSettings, out_di
 def _bench(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     models = args.models or (list(QUICK_MODELS) if args.quick else default_models())
-    out_dir = Path(args.out)
+    out_dir = args.out
     rows = run_benchmark(models, settings, out_dir, modes=args.modes, count_flops=not args.no_flops,
                          resume=args.resume, timeout=args.timeout)
     print_report(rows, settings, out_dir)
@@ -66,10 +68,10 @@ def _bench_peers(args: argparse.Namespace) -> int:
 
     pairs = [tuple(p.split(':')) for p in args.pairs] if args.pairs else list(FAN_XCIT_PAIRS)
     if any(len(p) != 2 for p in pairs):
-        raise SystemExit('--pairs takes FAN_MODEL:PEER_MODEL items')
+        raise UserError('--pairs takes FAN_MODEL:PEER_MODEL items')
     settings = BenchSettings(batch_size=args.batch_size, threads=args.threads, warmup=args.warmup,
                              repeats=args.repeats)
-    out_dir = Path(args.out)
+    out_dir = args.out
     ratios = compare_with_peers(out_dir, pairs, settings, args.ckpt_batch_size, resume=args.resume,
                                 timeout=args.timeout)
     columns = ['fan_model', 'peer_model', 'infer_ratio', 'train_ratio', 'train_mem_ratio', 'ckpt_mem_cut',
@@ -117,19 +119,7 @@ def demo_bench(out_dir: Path) -> None:
         raise RuntimeError(f'benchmark failed for {", ".join(failed)}')
 
 
-def _clean_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Bad input (unknown model, missing folder, wrong settings, a model failing in bench-peers) ends the command
-    with one line, not a traceback."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except (ValueError, FileNotFoundError, ChildError) as e:
-            raise SystemExit(f'fan {args.command}: {e}') from None
-    return run
-
-
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--out', help='output folder (default: %(default)s)')
+def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--resume', action='store_true',
                         help='keep the finished models of an earlier run in --out (same settings)')
     parser.add_argument('--timeout', type=float, help='seconds at most per model and mode')
@@ -142,10 +132,13 @@ def add_commands(subparsers) -> None:
                     f'baselines; --quick: {", ".join(QUICK_MODELS)}. ' + GMACS_NOTE + '.')
     parser.add_argument('models', nargs='*', help='model names (name or name.tag) or globs, e.g. "fan_tiny_*"')
     parser.add_argument('--quick', action='store_true', help='the FAN tiny models and two baselines')
-    parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N (default: %(default)s)')
+    parser.add_argument('--device', default='auto',
+                        help='auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: %(default)s)')
     parser.add_argument('-b', '--batch-size', type=int, help='batch size (default: 8 on CPU, 128 on CUDA)')
     parser.add_argument('--img-size', type=int, help="resolution (default: each model's own input size)")
-    parser.add_argument('--dtype', default='fp32', choices=list(DTYPES), help='fp32, or bf16/fp16 autocast')
+    parser.add_argument('--precision', default='fp32', choices=list(PRECISIONS),
+                        help='fp32, or autocast to bf16 / fp16 (default: %(default)s)')
+    parser.add_argument('--amp', dest='precision', action='store_const', const='bf16', help='same as --precision bf16')
     parser.add_argument('--channels-last', action='store_true', help='channels-last memory format')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
     parser.add_argument('--grad-checkpointing', action='store_true', help='gradient checkpointing when training')
@@ -154,8 +147,9 @@ def add_commands(subparsers) -> None:
     parser.add_argument('--repeats', type=int, help='timed steps, median reported (default: 5 on CPU, 20 on CUDA)')
     parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES, help='what to time')
     parser.add_argument('--no-flops', action='store_true', help='skip the fvcore GMACs count')
-    _add_run_options(parser)
-    parser.set_defaults(func=_clean_errors(_bench), out='bench-results')
+    add_out_option(parser, 'bench-results')
+    _run_options(parser)
+    parser.set_defaults(func=_bench)
 
     parser = subparsers.add_parser(
         'bench-peers', help='FAN vs XCiT of the same size in one run: throughput, memory, checkpointing ratios')
@@ -166,8 +160,9 @@ def add_commands(subparsers) -> None:
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads (default: %(default)s)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps (default: %(default)s)')
     parser.add_argument('--repeats', type=int, default=5, help='timed steps (default: %(default)s)')
-    _add_run_options(parser)
-    parser.set_defaults(func=_clean_errors(_bench_peers), out='bench-peers')
+    add_out_option(parser, 'bench-peers')
+    _run_options(parser)
+    parser.set_defaults(func=_bench_peers)
 
     parser = subparsers.add_parser('cards', help='write / check the model cards, regenerate the README zoo table')
     parser.add_argument('--dir', default='models', help='card folder (default: %(default)s)')
@@ -175,5 +170,5 @@ def add_commands(subparsers) -> None:
     parser.add_argument('models', nargs='*', help='with --write: only these models')
     parser.add_argument('--check', action='store_true', help='compare every card with the code (exit 1 if not)')
     parser.add_argument('--readme', nargs='?', const='README.md', help='rewrite the zoo table in this README')
-    parser.set_defaults(func=_clean_errors(_cards))
+    parser.set_defaults(func=_cards)
 

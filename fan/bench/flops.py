@@ -9,7 +9,8 @@ from typing import Any, Tuple
 
 import torch
 import torch.nn as nn
-import timm
+
+from ..factory import create_model
 
 __all__ = ['count_params', 'fvcore_gmacs', 'count_gmacs']
 
@@ -42,5 +43,5 @@ def count_gmacs(model_name: str, input_size: Tuple[int, int, int], **model_kwarg
     (the Q K^T and attention x V matmuls become explicit, so fvcore counts them, as timm's published ``gmacs`` do).
     The setting only applies while the model is built; timm's global fused-attention setting is left as it was.
     """
-    model = timm.create_model(model_name, exportable=True, **model_kwargs)
+    model = create_model(model_name, exportable=True, **model_kwargs)
     return fvcore_gmacs(model, input_size)

@@ -13,17 +13,18 @@ import torch.nn as nn
 import timm
 from timm.optim import create_optimizer_v2
 
-import fan  # noqa: F401  (registers the FAN models with timm)
+from ..factory import create_model
+from ..options import PRECISIONS, autocast
 from .flops import count_gmacs, count_params
 from .memory import PeakMemory
-from .throughput import autocast_context, inference_step, time_interleaved, time_steps, train_step
+from .throughput import inference_step, time_interleaved, time_steps, train_step
+from ..errors import UserError
 
 __all__ = [
-    'BenchSettings', 'DTYPES', 'MODES', 'resolve_input_size', 'build_model', 'prepare_step', 'measure',
+    'BenchSettings', 'MODES', 'resolve_input_size', 'build_model', 'prepare_step', 'measure',
     'measure_interleaved',
 ]
 
-DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # autocast dtype
 MODES = ('infer', 'train')
 
 
@@ -42,12 +43,12 @@ class BenchSettings:
     repeats: int = 5  # timed steps; the median is reported
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f'dtype must be one of {", ".join(DTYPES)}, got {self.dtype!r}')
+        if self.dtype not in PRECISIONS:
+            raise UserError(f'dtype must be one of {", ".join(PRECISIONS)}, got {self.dtype!r}')
         if self.batch_size < 1 or self.repeats < 1 or self.warmup < 0:
-            raise ValueError('batch_size and repeats must be at least 1, warmup at least 0')
+            raise UserError('batch_size and repeats must be at least 1, warmup at least 0')
         if self.compile and self.warmup < 1:
-            raise ValueError('compile needs a warm-up step: the first step compiles the model')
+            raise UserError('compile needs a warm-up step: the first step compiles the model')
 
 
 def resolve_input_size(model_name: str, img_size: Optional[int]) -> Tuple[Tuple[int, int, int], Dict[str, Any]]:
@@ -70,10 +71,8 @@ def build_model(model_name: str, settings: BenchSettings) -> Tuple[nn.Module, Tu
 
     Returns the model, its input size (C, H, W) and the extra ``create_model`` kwargs that size needed.
     """
-    if not timm.is_model(model_name):
-        raise ValueError(f'unknown model {model_name!r}: not registered with timm (see timm.list_models())')
     input_size, size_kwargs = resolve_input_size(model_name, settings.img_size)
-    model = timm.create_model(model_name, **size_kwargs).to(settings.device)
+    model = create_model(model_name, device=settings.device, **size_kwargs)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if settings.grad_checkpointing:
@@ -85,19 +84,19 @@ def prepare_step(model_name: str, mode: str, settings: BenchSettings
                  ) -> Tuple[Callable[[], None], nn.Module, Tuple[int, int, int], Dict[str, Any]]:
     """Build ``model_name`` and one ``mode`` step on a random batch: (step, model, input size, create_model kwargs)."""
     if mode not in MODES:
-        raise ValueError(f'mode must be one of {", ".join(MODES)}, got {mode!r}')
+        raise UserError(f'mode must be one of {", ".join(MODES)}, got {mode!r}')
     device = torch.device(settings.device)
     model, input_size, size_kwargs = build_model(model_name, settings)
     images = torch.randn(settings.batch_size, *input_size, device=device)
     if settings.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    autocast = autocast_context(device, DTYPES[settings.dtype])
+    autocast_context = autocast(settings.dtype, device)
     runner = torch.compile(model) if settings.compile else model
     if mode == 'infer':
-        return inference_step(runner, images, autocast), model, input_size, size_kwargs
+        return inference_step(runner, images, autocast_context), model, input_size, size_kwargs
     targets = torch.randint(0, model.num_classes, (settings.batch_size,), device=device)
     optimizer = create_optimizer_v2(model, opt='sgd', lr=1e-4)  # SGD, momentum 0.9: as timm's benchmark
-    return train_step(runner, images, targets, optimizer, autocast), model, input_size, size_kwargs
+    return train_step(runner, images, targets, optimizer, autocast_context), model, input_size, size_kwargs
 
 
 def _start(settings: BenchSettings) -> Callable[[], None]:

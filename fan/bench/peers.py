@@ -16,8 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .child import run_in_child
 from .measure import MODES, BenchSettings, measure_interleaved
 from .runner import describe_machine, run_benchmark
+from ..errors import UserError
 
-__all__ = ['FAN_XCIT_PAIRS', 'TARGETS', 'OFFICIAL_PORT', 'pair_ratios', 'compare_with_peers']
+__all__ = ['FAN_XCIT_PAIRS', 'TARGETS', 'pair_ratios', 'compare_with_peers']
 
 FAN_XCIT_PAIRS: Tuple[Tuple[str, str], ...] = (
     ('fan_tiny_12_p16_224', 'xcit_tiny_12_p16_224'),
@@ -30,18 +31,13 @@ TARGETS: Dict[str, Dict[str, Tuple[str, float]]] = {
     'fan_small_12_p16_224': {'infer_ratio': ('>=', 0.85), 'train_ratio': ('>=', 0.95),
                              'train_mem_ratio': ('<=', 1.10), 'ckpt_mem_cut': ('>=', 0.40)},
 }
-# A direct port of the official code on the project's 2-core machines (the figures)
-OFFICIAL_PORT: Dict[str, Dict[str, float]] = {
-    'fan_tiny_12_p16_224': {'infer_ratio': 0.53, 'train_ratio': 0.77, 'train_mem_ratio': 1.25},
-    'fan_small_12_p16_224': {'infer_ratio': 0.75},
-}
 RATIO_COLUMNS = (
     'fan_model', 'peer_model', 'batch_size', 'threads',
     'fan_infer_samples_per_sec', 'peer_infer_samples_per_sec', 'infer_ratio',
     'fan_train_samples_per_sec', 'peer_train_samples_per_sec', 'train_ratio',
     'fan_train_peak_mem_mib', 'peer_train_peak_mem_mib', 'train_mem_ratio',
     'ckpt_batch_size', 'fan_ckpt_off_peak_mem_mib', 'fan_ckpt_on_peak_mem_mib', 'ckpt_mem_cut',
-    'targets_met', 'targets_missed', 'official_port',
+    'targets_met', 'targets_missed',
 )
 
 
@@ -72,7 +68,6 @@ def pair_ratios(fan_row: Dict[str, Any], peer_row: Dict[str, Any], ckpt_off_row:
         ok = value is not None and (value >= target if op == '>=' else value <= target)
         (met if ok else missed).append(f'{key} {op} {target:g}')
     row['targets_met'], row['targets_missed'] = '; '.join(met), '; '.join(missed)
-    row['official_port'] = '; '.join(f'{k} {v:g}' for k, v in OFFICIAL_PORT.get(fan_model, {}).items())
     return row
 
 
@@ -85,7 +80,7 @@ def _interleaved_throughput(out_dir: Path, pairs: Sequence[Tuple[str, str]], set
     if resume and path.exists():
         previous = json.loads(path.read_text())
         if previous['settings'] != document['settings']:
-            raise ValueError(f'{path} was measured with other settings; use another output folder or no resume')
+            raise UserError(f'{path} was measured with other settings; use another output folder or no resume')
         document['results'] = previous['results']
     for pair in pairs:
         for mode in MODES:

@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import platform
+import time
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from .child import ChildError, run_in_child
 from .measure import MODES, BenchSettings, measure
 from .published import published_top1
+from ..errors import UserError
 
 __all__ = [
     'BASELINES', 'QUICK_MODELS', 'GMACS_NOTE', 'CSV_COLUMNS', 'default_models', 'resolve_models', 'describe_machine',
@@ -58,11 +60,11 @@ def resolve_models(patterns: Sequence[str]) -> List[str]:
         if any(c in pattern for c in '*?['):
             matches = timm.list_models(pattern)
             if not matches:
-                raise ValueError(f'no registered model matches {pattern!r}')
+                raise UserError(f'no registered model matches {pattern!r}')
         elif timm.is_model(pattern):
             matches = [pattern]
         else:
-            raise ValueError(f'unknown model {pattern!r}: not registered with timm (see timm.list_models())')
+            raise UserError(f'unknown model {pattern!r}: not registered with timm (see timm.list_models())')
         names += [m for m in matches if m not in names]
     return names
 
@@ -94,7 +96,7 @@ def _load_previous(out_dir: Path, settings: BenchSettings) -> Dict[str, Dict[str
         return {}
     previous = json.loads(path.read_text())
     if previous.get('settings') != asdict(settings):
-        raise ValueError(f'{path} was measured with other settings ({previous.get("settings")}); '
+        raise UserError(f'{path} was measured with other settings ({previous.get("settings")}); '
                          f'use another output folder or run without resume')
     return {row['model']: row for row in previous['rows'] if not row.get('error')}
 
@@ -148,22 +150,27 @@ def run_benchmark(
         count_flops: bool = True,
         resume: bool = False,
         timeout: Optional[float] = None,
+        deadline: Optional[float] = None,
 ) -> List[Dict[str, Any]]:
     """Measure ``models`` (names or globs) in ``modes`` with ``settings``; returns the rows, one per model.
 
     Each (model, mode) runs in a fresh child process (``timeout`` seconds at most); the results are saved to
-    ``out_dir`` after every model. ``count_flops`` adds fvcore GMACs (per image, attention counted).
+    ``out_dir`` after every model. ``count_flops`` adds fvcore GMACs (per image, attention counted). No model starts
+    after ``deadline`` (a ``time.monotonic()`` value): the rows then hold the models measured before it.
     """
     names = resolve_models(models)
     unknown_modes = set(modes) - set(MODES)
     if unknown_modes or not modes:
-        raise ValueError(f'modes must be some of {", ".join(MODES)}, got {list(modes)}')
+        raise UserError(f'modes must be some of {", ".join(MODES)}, got {list(modes)}')
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = _load_previous(out_dir, settings) if resume else {}
     machine = describe_machine(settings.device)
     rows = []
     with tqdm(total=len(modes) * sum(name not in previous for name in names), unit='run', desc='fan bench') as bar:
         for name in names:
+            if name not in previous and deadline is not None and time.monotonic() > deadline:
+                tqdm.write(f'time budget spent: {name} and the models after it were not measured')
+                break
             rows.append(previous.get(name) or _measure_model(name, settings, modes, count_flops, timeout, bar))
             _save(out_dir, rows, settings, machine)
     machine['load_avg_1min_end'] = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None

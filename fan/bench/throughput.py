@@ -1,13 +1,12 @@
 """Timed steps: an inference step, a training step, and loops that time each step after a warm-up."""
 import time
-from contextlib import nullcontext
-from typing import Callable, ContextManager, List, Optional, Sequence
+from typing import Callable, ContextManager, List, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['time_steps', 'time_interleaved', 'autocast_context', 'inference_step', 'train_step']
+__all__ = ['time_steps', 'time_interleaved', 'inference_step', 'train_step']
 
 
 def time_steps(step: Callable[[], None], warmup: int, repeats: int, synchronize: Callable[[], None]) -> List[float]:
@@ -39,13 +38,6 @@ def time_interleaved(steps: Sequence[Callable[[], None]], warmup: int, repeats: 
             synchronize()
             step_times.append(time.perf_counter() - start)
     return times
-
-
-def autocast_context(device: torch.device, dtype: Optional[torch.dtype]) -> Callable[[], ContextManager]:
-    """A factory of autocast contexts for ``dtype`` (None: plain fp32, no autocast)."""
-    if dtype is None:
-        return nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def inference_step(

@@ -1,1 +1,1 @@
-from .photos import BundledPhoto, bundled_photos
+from .photos import PHOTO_DIR, BundledPhoto, bundled_photos

@@ -3,24 +3,18 @@ from typing import Any, Dict
 
 import torch
 import torch.nn as nn
+from timm.models import clean_state_dict
 
-_WRAPPER_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
+# the official evaluation loads the released files' state_dict (timm 0.5.4 load_checkpoint without --use-ema)
+_WRAPPER_KEYS = ('state_dict', 'model', 'state_dict_ema', 'model_ema')
 
 
 def unwrap_checkpoint(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """A timm training checkpoint (``state_dict_ema`` preferred, as timm does) or a bare state dict -> state dict,
-    with the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes removed."""
-    for key in _WRAPPER_KEYS:
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    state_dict = {}
-    for k, v in checkpoint.items():
-        for prefix in ('module.', '_orig_mod.'):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        state_dict[k] = v
-    return state_dict
+    """A timm training checkpoint (its ``state_dict``, as the official evaluation takes; ``fan.create_model``
+    chooses EMA weights before the filter runs) or a bare state dict -> state dict, with the ``module.`` (DDP) and
+    ``_orig_mod.`` (torch.compile) prefixes removed."""
+    key = next((k for k in _WRAPPER_KEYS if isinstance(checkpoint.get(k), dict)), None)
+    return clean_state_dict(checkpoint[key] if key else checkpoint)
 
 
 def check_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:

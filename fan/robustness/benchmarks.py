@@ -9,8 +9,9 @@ from .data import find_imagenet_c_cells, imagenet_subset_indices, list_class_fol
 from .evaluate import CellCounts, ModelSpec, distributed_context, evaluate_cells
 from .metrics import EXTRA_CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
 from .report import markdown_report, plot_error_heatmap
-from .results import (CLEAN, build_imagenet_c_results, cell_name, load_finished_cells, top_k_percent,
-                      write_json_atomic)
+from .results import CLEAN, build_imagenet_c_results, cell_name, load_finished_cells, top_k_percent
+from ..errors import MissingPathError, UserError
+from ..io import write_atomic, write_json
 
 __all__ = ['DATASETS', 'run_imagenet_c', 'run_classification']
 
@@ -27,24 +28,24 @@ def run_imagenet_c(
         force: bool = False,
         batch_size: int = 64,
         workers: int = 4,
-        device: Optional[str] = None,
-        amp: bool = False,
+        device: str = 'auto',
+        precision: str = 'fp32',
 ) -> Dict:
-    """Evaluate ``data/<corruption>/<severity>/<wnid>/*`` (and ``clean/<wnid>/*``) and write ``out``.
+    """Evaluate ``data/<corruption>/<severity>/<wnid>/*`` (and ``clean/<wnid>/*``) and write to the folder ``out``.
 
-    ``out`` (JSON) is rewritten after every finished cell; a markdown table (``.md``) and a heat map
-    (``.png``) are written beside it at the end. A re-run with the same settings skips finished cells;
+    ``out/imagenet_c.json`` is rewritten after every finished cell; a markdown table (``imagenet_c.md``) and a heat
+    map (``imagenet_c.png``, with the ``plots`` extra) are written beside it at the end. A re-run with the same settings skips finished cells;
     ``force`` starts over. ``corruptions`` defaults to the 15 standard ones plus the 4 extra ones whose folders
     exist. Returns the results document.
     """
-    out = Path(out)
+    out = Path(out) / 'imagenet_c.json'
     if corruptions is None:
         corruptions = STANDARD_CORRUPTIONS + tuple(c for c in EXTRA_CORRUPTIONS if (Path(data) / c).is_dir())
     with distributed_context(device) as context:
         model, data_config, transform = model_spec.build(context.device)
         cell_dirs, missing = find_imagenet_c_cells(data, corruptions, severities)
         if not cell_dirs and clean is None:
-            raise FileNotFoundError(f'nothing to evaluate in {data}:\n  ' + '\n  '.join(missing))
+            raise MissingPathError(f'nothing to evaluate in {data}: ' + '; '.join(missing))
         cells = {cell_name(c, s): list_class_folders(folder) for (c, s), folder in cell_dirs.items()}
         if clean is not None:
             cells = {CLEAN: list_class_folders(clean), **cells}
@@ -59,7 +60,7 @@ def run_imagenet_c(
                 error = str(exc)
         finished, settings, error = context.broadcast((finished, settings, error))
         if error:
-            raise ValueError(error)
+            raise UserError(error)
         if context.is_main:
             for message in missing:
                 print(f'warning: missing {message}')
@@ -70,18 +71,18 @@ def run_imagenet_c(
         def on_cell_done(name: str, counts: CellCounts) -> None:
             finished[name] = counts
             if context.is_main:
-                write_json_atomic(out, build_imagenet_c_results(settings, finished, missing))
+                write_json(out, build_imagenet_c_results(settings, finished, missing))
 
         pending = {name: items for name, items in cells.items() if name not in finished}
         if context.is_main:
             print(f'evaluating {len(pending)} cell(s), {sum(map(len, pending.values()))} images, on '
                   f'{context.world_size} process(es) ({context.device})', flush=True)
         data_wait = evaluate_cells(model, transform, pending, context, on_cell_done,
-                                   batch_size=batch_size, workers=workers, amp=amp)
+                                   batch_size=batch_size, workers=workers, precision=precision)
         results = build_imagenet_c_results(settings, finished, missing)
         if context.is_main:
-            write_json_atomic(out, results)
-            out.with_suffix('.md').write_text(markdown_report(results))
+            write_json(out, results)
+            write_atomic(out.with_suffix('.md'), markdown_report(results))
             plot_error_heatmap(results, out.with_suffix('.png'))
             if pending:
                 print(f'data loader wait: {100 * data_wait:.0f} % of rank-0 evaluation time')
@@ -95,23 +96,25 @@ def run_classification(
         out: Optional[Path] = None,
         batch_size: int = 64,
         workers: int = 4,
-        device: Optional[str] = None,
-        amp: bool = False,
+        device: str = 'auto',
+        precision: str = 'fp32',
 ) -> Dict:
     """Top-1/top-5 accuracy on an ImageNet-style folder ``data/<wnid>/*``.
 
     For 'imagenet-a' and 'imagenet-r' only the logits of their 200 classes compete (the official masks).
-    Returns (and writes to ``out`` if given) a document with ``top1``, ``top5`` (percent) and counts.
+    Returns (and writes to the folder ``out`` as ``<dataset>.json``, if given) a document with ``top1``, ``top5``
+    (percent) and counts.
     """
     if dataset not in DATASETS:
-        raise ValueError(f'unknown dataset {dataset!r}; choose from {DATASETS}')
+        raise UserError(f'unknown dataset {dataset!r}; choose from {DATASETS}')
     class_subset = imagenet_subset_indices(dataset) if dataset != 'imagenet' else None
     with distributed_context(device) as context:
         model, data_config, transform = model_spec.build(context.device)
         items = list_class_folders(data, allowed_labels=class_subset)
         finished: Dict[str, CellCounts] = {}
         data_wait = evaluate_cells(model, transform, {dataset: items}, context, finished.__setitem__,
-                                   batch_size=batch_size, workers=workers, amp=amp, class_subset=class_subset)
+                                   batch_size=batch_size, workers=workers, precision=precision,
+                                   class_subset=class_subset)
         counts = finished[dataset]
         results = dict(
             model_spec.settings(data_config),
@@ -126,6 +129,6 @@ def run_classification(
         )
         if context.is_main:
             if out is not None:
-                write_json_atomic(Path(out), results)
+                write_json(Path(out) / f'{dataset}.json', results)
             print(f'data loader wait: {100 * data_wait:.0f} % of rank-0 evaluation time')
     return results

@@ -14,6 +14,7 @@ draws from numpy's global RNG for 17 corruptions (seeded here, then restored) an
 ``impulse_noise`` and ``glass_blur``.
 """
 import hashlib
+import io
 import json
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +31,8 @@ from tqdm import tqdm
 
 from .data import is_image_file, load_rgb
 from .metrics import ALL_CORRUPTIONS, SEVERITIES
-from .results import write_json_atomic
+from ..errors import MissingPathError, UserError, require_extra
+from ..io import write_atomic, write_json
 
 __all__ = ['cell_seed', 'corrupt_image', 'imagenet_c_crop', 'make_imagenet_c', 'MANIFEST_NAME']
 
@@ -49,10 +51,10 @@ def cell_seed(seed: int, corruption: str, severity: int, relative_path: str) -> 
 
 def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
     """Corrupt an H x W x 3 uint8 image (H, W >= 32); the same seed gives the same output."""
-    from imagecorruptions import corrupt  # imported here: it loads numba, cv2 and skimage (slow)
-
+    # imported here: it loads numba, cv2 and skimage (slow), and comes with the robustness extra
+    corrupt = require_extra('imagecorruptions', 'robustness').corrupt
     if corruption not in ALL_CORRUPTIONS:
-        raise ValueError(f'unknown corruption {corruption!r}; known: {list(ALL_CORRUPTIONS)}')
+        raise UserError(f'unknown corruption {corruption!r}; known: {list(ALL_CORRUPTIONS)}')
     kwargs = {'seed': seed} if corruption in _SEED_ARGUMENT else {}
     state = np.random.get_state()
     np.random.seed(seed)
@@ -97,10 +99,9 @@ def _corrupt_one_image(job: _ImageJob) -> Tuple[int, int, Optional[str]]:
     for corruption, severity, target in todo:
         corrupted = corrupt_image(pixels, corruption, severity, cell_seed(job.seed, corruption, severity,
                                                                            job.relative))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f'.{target.name}.tmp')  # atomic: an interrupted run leaves no bad JPEG
-        Image.fromarray(corrupted).save(temporary, format='JPEG', quality=JPEG_QUALITY, optimize=True)
-        temporary.replace(target)
+        encoded = io.BytesIO()
+        Image.fromarray(corrupted).save(encoded, format='JPEG', quality=JPEG_QUALITY, optimize=True)
+        write_atomic(target, encoded.getvalue())  # an interrupted run leaves no half-written JPEG
     return len(todo), len(targets) - len(todo), None
 
 
@@ -119,27 +120,28 @@ def make_imagenet_c(
     Files that already exist are kept (an interrupted run resumes) unless ``force``. Unreadable source
     images are reported, not fatal. Returns the manifest, also written to ``dst/make_c.json``.
     """
+    require_extra('imagecorruptions', 'robustness')  # before any work: say what to install
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
-        raise FileNotFoundError(f'source image folder not found: {src}')
+        raise MissingPathError(f'source image folder not found: {src}')
     unknown = [c for c in corruptions if c not in ALL_CORRUPTIONS]
     bad_severities = [s for s in severities if s not in SEVERITIES]
     if unknown or bad_severities:
-        raise ValueError(f'unknown corruption(s) {unknown} or severities {bad_severities}; '
+        raise UserError(f'unknown corruption(s) {unknown} or severities {bad_severities}; '
                          f'corruptions: {list(ALL_CORRUPTIONS)}, severities: {list(SEVERITIES)}')
     sources = sorted(p for p in src.rglob('*') if is_image_file(p))
     if not sources:
-        raise ValueError(f'no images below {src}')
+        raise UserError(f'no images below {src}')
     relatives = [p.relative_to(src).with_suffix('.JPEG').as_posix() for p in sources]
     clashes = sorted(name for name, count in Counter(relatives).items() if count > 1)
     if clashes:
-        raise ValueError(f'several source images map to the same output name: {clashes[:5]}')
+        raise UserError(f'several source images map to the same output name: {clashes[:5]}')
     manifest_path = dst / MANIFEST_NAME
     if manifest_path.exists() and not force:
         earlier = json.loads(manifest_path.read_text())
         if (earlier.get('seed'), earlier.get('size')) != (seed, size):
-            raise ValueError(f'{dst} was made with seed {earlier.get("seed")} and size {earlier.get("size")}; '
-                             'use the same ones to resume, --force to rewrite, or another --dst')
+            raise UserError(f'{dst} was made with seed {earlier.get("seed")} and size {earlier.get("size")}; '
+                             'use the same ones to resume, --force to rewrite, or another --out')
     jobs = [_ImageJob(path, relative, dst, tuple(corruptions), tuple(severities), seed, size, force)
             for path, relative in zip(sources, relatives)]
     if 'glass_blur' in corruptions and workers > 1:
@@ -167,5 +169,5 @@ def make_imagenet_c(
         files_kept=kept,
         failed=failed,
     )
-    write_json_atomic(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     return manifest

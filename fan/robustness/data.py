@@ -13,6 +13,7 @@ from PIL import Image
 from timm.data import ImageNetInfo
 from timm.data.readers.img_extensions import get_img_extensions
 from torch.utils.data import Dataset
+from ..errors import MissingPathError, UserError
 
 __all__ = [
     'LabelledImage', 'LabelledImageDataset', 'imagenet_wnid_to_index', 'imagenet_subset_indices',
@@ -41,7 +42,7 @@ def imagenet_wnid_to_index() -> Dict[str, int]:
 def imagenet_subset_indices(dataset: str) -> List[int]:
     """The ascending ImageNet-1k indices of the 200 classes of 'imagenet-a' or 'imagenet-r'."""
     if dataset not in _SUBSET_INDEX_FILES:
-        raise ValueError(f'no class subset for {dataset!r}; known: {sorted(_SUBSET_INDEX_FILES)}')
+        raise UserError(f'no class subset for {dataset!r}; known: {sorted(_SUBSET_INDEX_FILES)}')
     text = pkgutil.get_data('timm.data', _SUBSET_INDEX_FILES[dataset]).decode('utf-8')
     return [int(line) for line in text.split()]
 
@@ -58,25 +59,25 @@ def list_class_folders(root: Path, allowed_labels: Optional[Sequence[int]] = Non
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f'image folder not found: {root}')
+        raise MissingPathError(f'image folder not found: {root}')
     wnid_to_index = imagenet_wnid_to_index()
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     unknown = [p.name for p in class_dirs if p.name not in wnid_to_index]
     if unknown:
-        raise ValueError(f'{root}: class folders must be ImageNet-1k WordNet ids (e.g. n01440764); '
+        raise UserError(f'{root}: class folders must be ImageNet-1k WordNet ids (e.g. n01440764); '
                          f'not ImageNet-1k: {unknown[:10]}{" ..." if len(unknown) > 10 else ""}')
     if allowed_labels is not None:
         allowed = set(allowed_labels)
         outside = [p.name for p in class_dirs if wnid_to_index[p.name] not in allowed]
         if outside:
-            raise ValueError(f'{root}: classes outside the evaluated 200-class subset: {outside[:10]}')
+            raise UserError(f'{root}: classes outside the evaluated 200-class subset: {outside[:10]}')
     items = [
         LabelledImage(path, wnid_to_index[class_dir.name])
         for class_dir in class_dirs
         for path in sorted(class_dir.rglob('*')) if is_image_file(path)
     ]
     if not items:
-        raise ValueError(f'{root}: no images found in <wnid>/ class folders '
+        raise UserError(f'{root}: no images found in <wnid>/ class folders '
                          f'(extensions {sorted(get_img_extensions(as_set=True))})')
     return items
 
@@ -94,7 +95,7 @@ def find_imagenet_c_cells(
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f'ImageNet-C folder not found: {root}')
+        raise MissingPathError(f'ImageNet-C folder not found: {root}')
     present = sorted(p.name for p in root.iterdir() if p.is_dir())
     cells, missing = {}, []
     for corruption in corruptions:

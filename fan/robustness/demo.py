@@ -28,10 +28,9 @@ def demo_imagenet_c(out_dir: Path) -> None:
     make_imagenet_c(root / 'clean', root / 'imagenet-c', DEMO_CORRUPTIONS, SEVERITIES, seed=0)
     print(f'eval-c: {DEMO_MODEL} with RANDOM weights (seed 0; no checkpoint in the demo): the numbers are not '
           'meaningful, the step shows the pipeline works. With real weights: fan eval-c --model '
-          f'{DEMO_MODEL} --checkpoint FILE --data {root / "imagenet-c"} --clean {root / "clean"} --out FILE.json')
+          f'{DEMO_MODEL} --pretrained --data {root / "imagenet-c"} --clean {root / "clean"} --out DIR')
     torch.manual_seed(0)
-    out = root / 'imagenet_c.json'
-    run_imagenet_c(ModelSpec(DEMO_MODEL), root / 'imagenet-c', out, clean=root / 'clean',
+    run_imagenet_c(ModelSpec(DEMO_MODEL, protocol='as-stored'), root / 'imagenet-c', root, clean=root / 'clean',
                    corruptions=DEMO_CORRUPTIONS, force=True, batch_size=16, workers=0, device='cpu')
-    print(out.with_suffix('.md').read_text())
-    print(f'written: {out}, {out.with_suffix(".md")}, {out.with_suffix(".png")}')
+    print((root / 'imagenet_c.md').read_text())
+    print(f'written: {root}/imagenet_c.json, imagenet_c.md, imagenet_c.png')

@@ -5,9 +5,7 @@ duplicates) and the per-folder counts are summed with ``all_reduce``, so the num
 run exactly. One DataLoader feeds all folders ("cells") in turn, so its workers keep decoding across cell
 boundaries; its batches never mix two cells. Unreadable images are counted and reported, never fatal.
 """
-import difflib
 import os
-import pickle
 import sys
 import time
 from contextlib import contextmanager
@@ -15,17 +13,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import timm
 import torch
 import torch.distributed as dist
-from timm.data import create_transform, resolve_model_data_config
+from PIL import Image
+from timm.data import create_transform
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
+from ..errors import UserError
+from ..factory import create_model, resolve_data_config
+from ..options import autocast, resolve_device
 from .data import LabelledImage, LabelledImageDataset
 
-__all__ = ['ModelSpec', 'CellCounts', 'DistributedContext', 'distributed_context', 'evaluate_cells']
+__all__ = ['PROTOCOLS', 'AsStoredOrResized', 'ModelSpec', 'CellCounts', 'DistributedContext', 'distributed_context', 'evaluate_cells']
 
 
 class NormalizeUint8(nn.Module):
@@ -40,52 +42,62 @@ class NormalizeUint8(nn.Module):
         return (images.float() - self.mean) / self.std
 
 
+# How ImageNet-C images are preprocessed (recorded with every result)
+PROTOCOLS = {
+    'as-stored': 'images that already have the input size are used as stored; others get the model\'s resize and '
+                 'centre crop (RobustBench, since 2022)',
+    'resize-crop': 'every image resized to size / crop_pct and centre-cropped, the model\'s eval transform '
+                   '(AugMix / Hendrycks et al.; upsamples the stored 224 px ImageNet-C images when crop_pct < 1)',
+}
+
+
+class AsStoredOrResized:
+    """PIL image -> uint8 tensor (C, H, W): as stored when it is ``size`` (H, W) already, else ``resize(image)``."""
+
+    def __init__(self, size: Tuple[int, int], resize: Callable):
+        self.size = tuple(size)
+        self.resize = resize
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if (image.height, image.width) == self.size:
+            return pil_to_tensor(image)
+        return self.resize(image)
+
+
 @dataclass
 class ModelSpec:
-    """Which model to evaluate and how to preprocess its input.
+    """Which model to evaluate (built with :func:`fan.create_model`) and how to preprocess its input.
 
-    Preprocessing is the model's own timm data config (``resolve_model_data_config``: input size,
-    interpolation, crop_pct, mean/std); any field given here overrides it.
+    Preprocessing is the model's own timm data config; any field given here overrides it. ``protocol`` (see
+    :data:`PROTOCOLS`) says whether images already at the input size are resized anyway.
     """
     name: str
     pretrained: bool = False
     checkpoint: Optional[Path] = None
+    use_ema: bool = False
     img_size: Optional[int] = None
     crop_pct: Optional[float] = None
     interpolation: Optional[str] = None
     mean: Optional[Tuple[float, ...]] = None
     std: Optional[Tuple[float, ...]] = None
+    protocol: str = 'resize-crop'
 
     def build(self, device: torch.device) -> Tuple[torch.nn.Module, Dict, Callable]:
         """The model in eval mode on ``device`` (taking uint8 images), its data config, and the eval transform
         (PIL image -> uint8 tensor C x H x W)."""
-        if not timm.is_model(self.name):
-            close = difflib.get_close_matches(self.name, timm.list_models(), n=5)
-            raise ValueError(f'unknown model {self.name!r}' + (f'; did you mean {close}?' if close else
-                                                                '; see timm.list_models()'))
-        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
-            raise FileNotFoundError(f'checkpoint not found: {self.checkpoint}')
-        try:
-            kwargs = {}
-            if self.img_size and getattr(timm.get_pretrained_cfg(self.name), 'fixed_input_size', False):
-                kwargs['img_size'] = self.img_size  # fixed-size models (ViT-style) must be built at that size
-            model = timm.create_model(
-                self.name,
-                pretrained=self.pretrained,
-                checkpoint_path=str(self.checkpoint) if self.checkpoint else None,  # loaded with weights_only
-                **kwargs,
-            )
-        except (RuntimeError, pickle.UnpicklingError, KeyError) as error:  # bad tag, weights or checkpoint
-            source = f' from checkpoint {self.checkpoint}' if self.checkpoint else ''
-            raise ValueError(f'cannot build {self.name}{source}: {error}') from error
+        if self.protocol not in PROTOCOLS:
+            raise UserError(f'unknown protocol {self.protocol!r}; choose from {", ".join(PROTOCOLS)}')
+        model = create_model(self.name, pretrained=self.pretrained, checkpoint=self.checkpoint,
+                             use_ema=self.use_ema, img_size=self.img_size)
         if model.num_classes != 1000:
-            raise ValueError(f'{self.name} has {model.num_classes} outputs; ImageNet evaluation needs 1000')
-        overrides = dict(img_size=self.img_size, crop_pct=self.crop_pct, interpolation=self.interpolation,
-                         mean=self.mean, std=self.std)
-        data_config = resolve_model_data_config(model, args=overrides)
+            raise UserError(f'{self.name} has {model.num_classes} outputs; ImageNet evaluation needs 1000')
+        data_config = resolve_data_config(model, crop_pct=self.crop_pct, interpolation=self.interpolation,
+                                          mean=self.mean, std=self.std)
         # uint8 tensors leave the loader workers and are normalised on the device, like timm's prefetcher:
         # less CPU per image in the workers and a quarter of the host-to-device traffic
         transform = create_transform(**data_config, is_training=False, use_prefetcher=True)
+        if self.protocol == 'as-stored':
+            transform = AsStoredOrResized(data_config['input_size'][1:], transform)
         model = nn.Sequential(NormalizeUint8(data_config['mean'], data_config['std']), model)
         return model.eval().to(device), data_config, transform
 
@@ -94,6 +106,7 @@ class ModelSpec:
         spec = asdict(self)
         spec['model'] = spec.pop('name')
         spec['checkpoint'] = str(Path(self.checkpoint).resolve()) if self.checkpoint else None
+        spec['protocol_description'] = PROTOCOLS[self.protocol]
         for key in ('img_size', 'crop_pct', 'interpolation', 'mean', 'std'):
             spec.pop(key)  # folded into data_config
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
@@ -129,9 +142,9 @@ class DistributedContext:
 
 
 @contextmanager
-def distributed_context(device: Optional[str] = None) -> Iterator[DistributedContext]:
+def distributed_context(device: str = 'auto') -> Iterator[DistributedContext]:
     """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = resolve_device(device)
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if world_size == 1:
         yield DistributedContext(0, 1, device)
@@ -185,7 +198,7 @@ def evaluate_cells(
         on_cell_done: Callable[[str, CellCounts], None],
         batch_size: int = 64,
         workers: int = 4,
-        amp: bool = False,
+        precision: str = 'fp32',
         class_subset: Optional[Sequence[int]] = None,
 ) -> float:
     """Evaluate every cell (name -> images) in order, calling ``on_cell_done`` on every rank after each one.
@@ -195,6 +208,7 @@ def evaluate_cells(
         data loading, sets the pace).
     """
     device = context.device
+    autocast_context = autocast(precision, device)
     shards = {name: list(items)[context.rank::context.world_size] for name, items in cells.items()}
     flat: List[LabelledImage] = []
     batches: List[List[int]] = []
@@ -232,7 +246,7 @@ def evaluate_cells(
                 if images is not None:
                     images = images.to(device, non_blocking=True)
                     labels = labels.to(device, non_blocking=True)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    with autocast_context():
                         logits = model(images)
                     counts += _correct_counts(logits.float(), labels, subset)
                 cell_bar.update(len(errors) + (0 if labels is None else len(labels)))

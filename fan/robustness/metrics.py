@@ -12,6 +12,7 @@ Conventions: every error and accuracy here is a top-1 **percentage** in [0, 100]
   decides its value), retention = mean accuracy / clean accuracy.
 """
 from typing import Dict, List, Mapping, Optional
+from ..errors import UserError
 
 __all__ = [
     'STANDARD_CORRUPTIONS', 'EXTRA_CORRUPTIONS', 'ALL_CORRUPTIONS', 'SEVERITIES',
@@ -63,7 +64,7 @@ def summarize_corruption_errors(
     """
     unknown = sorted(set(errors) - set(ALL_CORRUPTIONS))
     if unknown:
-        raise ValueError(f'unknown corruption(s) {unknown}; known: {list(ALL_CORRUPTIONS)}')
+        raise UserError(f'unknown corruption(s) {unknown}; known: {list(ALL_CORRUPTIONS)}')
     incomplete: Dict[str, str] = {}
     complete = [c for c in ALL_CORRUPTIONS if c in errors and set(errors[c]) == set(SEVERITIES)]
 

@@ -4,6 +4,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..errors import require_extra
 from .metrics import ALL_CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
 
 __all__ = ['markdown_report', 'plot_error_heatmap']
@@ -57,16 +58,15 @@ def markdown_report(results: Dict) -> str:
 
 def plot_error_heatmap(results: Dict, path: Path) -> None:
     """Save a corruption x severity heat map of top-1 error (percent); missing cells are blank."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    Figure = require_extra('matplotlib.figure', 'plots').Figure
 
     corruptions = _corruptions(results)
     grid = np.full((len(corruptions), len(SEVERITIES)), np.nan)
     for row, corruption in enumerate(corruptions):
         for col, severity in enumerate(SEVERITIES):
             grid[row, col] = results['error'][corruption].get(str(severity), np.nan)
-    fig, ax = plt.subplots(figsize=(5.5, 0.35 * len(corruptions) + 1.6))
+    fig = Figure(figsize=(5.5, 0.35 * len(corruptions) + 1.6))
+    ax = fig.subplots()
     image = ax.imshow(grid, cmap='magma_r', vmin=0, vmax=100, aspect='auto')
     for (row, col), value in np.ndenumerate(grid):
         if not np.isnan(value):
@@ -80,4 +80,3 @@ def plot_error_heatmap(results: Dict, path: Path) -> None:
     fig.colorbar(image, ax=ax, label='top-1 error (%)')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -4,15 +4,15 @@ Cells are named ``'clean'`` and ``'<corruption>/<severity>'``. The file keeps th
 finished cell under ``cells`` (so a re-run skips them) next to the derived metrics.
 """
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .evaluate import CellCounts
 from .metrics import ALL_CORRUPTIONS, summarize_corruption_errors
+from ..errors import UserError
 
-__all__ = ['CLEAN', 'cell_name', 'parse_cell_name', 'build_imagenet_c_results', 'write_json_atomic',
+__all__ = ['CLEAN', 'cell_name', 'parse_cell_name', 'build_imagenet_c_results',
            'load_finished_cells', 'top_k_percent']
 
 CLEAN = 'clean'
@@ -69,18 +69,6 @@ def build_imagenet_c_results(settings: Dict, cells: Dict[str, CellCounts], missi
     )
 
 
-def write_json_atomic(path: Path, document: Dict) -> None:
-    """Write through a temporary file and an atomic rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + '.tmp')
-    with open(temporary, 'w') as file:
-        json.dump(document, file, indent=2)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
 def load_finished_cells(path: Path, settings: Dict) -> Tuple[Dict[str, CellCounts], Dict]:
     """Finished cells of an earlier run with the same settings (none if there is no file).
 
@@ -99,13 +87,13 @@ def load_finished_cells(path: Path, settings: Dict) -> Tuple[Dict[str, CellCount
         document = json.loads(path.read_text())
         cells = {name: CellCounts(**counts) for name, counts in document['cells'].items()}
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f'{path} exists but is not a readable results file ({error}); '
+        raise UserError(f'{path} exists but is not a readable results file ({error}); '
                          'use --force to overwrite it') from error
     settings = dict(settings, clean_data=settings.get('clean_data') or document.get('clean_data'))
     differences = [key for key in settings if document.get(key) != settings[key]
                    and not (key == 'clean_data' and document.get(key) is None)]
     if differences:
         detail = '; '.join(f'{key}: file has {document.get(key)!r}, now {settings[key]!r}' for key in differences)
-        raise ValueError(f'{path} holds results for other settings ({detail}); use --force to start over '
+        raise UserError(f'{path} holds results for other settings ({detail}); use --force to start over '
                          'or choose another --out')
     return cells, settings

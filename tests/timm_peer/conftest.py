@@ -21,11 +21,13 @@ import timm
 import timm.models._registry as registry
 
 import fan  # noqa: F401  (registers the models)
+from fan.registry import FAMILIES, fan_model_modules, fan_models
+from fan.zoo import count_params
 
-FAN_MODULES = ['fan', 'fan_swin']
-FAN_TOKEN_MODELS = ['fan_*_p16_224*', 'fan_*_hybrid*']  # token outputs, like xcit_*
+FAN_MODULES = fan_model_modules()
+FAN_TOKEN_MODELS = [p for f in FAMILIES if f.token_outputs for p in f.patterns]  # token outputs, like xcit_*
 _list_models = registry.list_models
-FAN_MODELS = set(_list_models(module=FAN_MODULES))
+FAN_MODELS = set(fan_models())
 DOWNLOADING_TESTS = ('test_model_load_pretrained', 'test_model_features_pretrained')
 SLOW_TESTS = ('test_model_backward', 'test_model_forward_torchscript', 'test_model_forward_fx',
               'test_model_backward_fx', 'test_model_forward_fx_torchscript')
@@ -34,7 +36,6 @@ SMALL_PARAMS = 30e6
 
 @lru_cache(maxsize=None)
 def _is_small(name: str) -> bool:
-    from fan.zoo import count_params
     return count_params(name) <= SMALL_PARAMS
 
 
