@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     'fan.ood',
     'fan.finetune',
     'fan.bench.cli',
+    'fan.export',
 )
 
 

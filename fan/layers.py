@@ -8,7 +8,7 @@ computation; see the docstrings for the quirks that checkpoint parity depends on
 
 Shapes: B batch, N = H * W patch tokens, C channels, h heads, d = C / h channels per head.
 """
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Callable, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from torch.jit import Final
 from timm.layers import DropPath, LayerNorm, trunc_normal_, use_fused_attn
 
 __all__ = [
-    'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'ChannelAttention', 'SeMlp', 'FanBlock', 'FanSeBlock',
+    'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'ChannelAttention', 'SeMlp', 'FanBlock',
     'OverlapPatchEmbed', 'tokens_to_map', 'map_to_tokens',
 ]
 
@@ -277,9 +277,11 @@ class OverlapPatchEmbed(nn.Module):
 
 
 class FanBlock(nn.Module):
-    """FAN block: x += DropPath(gamma1 * TokenMixing(LN(x))); x += DropPath(gamma2 * ChannelAttention(LN(x))).
+    """FAN block: x += DropPath(gamma1 * TokenMixing(LN(x))); x += DropPath(gamma2 * Mlp(LN(x), H, W)).
 
     Tokens (B, N, C) with grid (H, W) in; tokens, H and W out (an optional ``downsample`` changes all three).
+    ``mlp_layer`` builds the channel mixer as ``mlp_layer(dim, device=..., dtype=...)`` (bind its other arguments
+    with ``functools.partial``): ``ChannelAttention`` in FAN, ``SeMlp`` in the paper's squeeze-excite ablation.
     ``gamma1`` / ``gamma2`` are per-channel layer scales initialised to ``eta`` (1.0 in every released model).
     """
 
@@ -287,12 +289,12 @@ class FanBlock(nn.Module):
             self,
             dim: int,
             num_heads: int,
-            mlp_ratio: float = 4.,
             qkv_bias: bool = True,
             proj_drop: float = 0.,
             attn_drop: float = 0.,
             drop_path: float = 0.,
             norm_layer: Type[nn.Module] = LayerNorm,
+            mlp_layer: Callable[..., nn.Module] = ChannelAttention,
             eta: float = 1.,
             downsample: Optional[nn.Module] = None,
             device=None,
@@ -305,25 +307,11 @@ class FanBlock(nn.Module):
             dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
         self.gamma1 = nn.Parameter(eta * torch.ones(dim, **dd))
         self.norm2 = norm_layer(dim, **dd)
-        self.mlp = self._make_mlp(dim, num_heads, mlp_ratio, qkv_bias, attn_drop, proj_drop, dd)
+        self.mlp = mlp_layer(dim, **dd)
         self.gamma2 = nn.Parameter(eta * torch.ones(dim, **dd))
         self.drop_path_rate = drop_path
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.downsample = downsample
-
-    def _make_mlp(
-            self,
-            dim: int,
-            num_heads: int,
-            mlp_ratio: float,
-            qkv_bias: bool,
-            attn_drop: float,
-            proj_drop: float,
-            dd: Dict[str, Any],
-    ) -> nn.Module:
-        return ChannelAttention(
-            dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, drop=proj_drop,
-            **dd)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> Tuple[torch.Tensor, int, int]:
         if self.drop_path_rate == 0. or not self.training:  # residual + layer scale in one pass each
@@ -335,19 +323,3 @@ class FanBlock(nn.Module):
         if self.downsample is not None:
             x, H, W = self.downsample(x, H, W)
         return x, H, W
-
-
-class FanSeBlock(FanBlock):
-    """The SE ablation of the FAN block: the channel attention is replaced by a squeeze-excite MLP (``SeMlp``)."""
-
-    def _make_mlp(
-            self,
-            dim: int,
-            num_heads: int,
-            mlp_ratio: float,
-            qkv_bias: bool,
-            attn_drop: float,
-            proj_drop: float,
-            dd: Dict[str, Any],
-    ) -> nn.Module:
-        return SeMlp(dim, mlp_ratio=mlp_ratio, drop=proj_drop, **dd)

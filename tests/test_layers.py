@@ -1,5 +1,6 @@
 """Each FAN layer against a naive implementation written from its formula (explicit loops, no shared code)."""
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -150,7 +151,7 @@ def test_channel_gate_range(tokens):
 
 
 def test_fan_block(tokens):
-    block = randomize(FanBlock(C, num_heads=HEADS, mlp_ratio=2.))
+    block = randomize(FanBlock(C, num_heads=HEADS, mlp_layer=partial(ChannelAttention, num_heads=HEADS, mlp_ratio=2.)))
     out, h, w = block(tokens, H, W)
     assert (h, w) == (H, W)
     for b in range(2):

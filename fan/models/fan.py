@@ -24,7 +24,7 @@ from timm.models._manipulate import checkpoint
 from timm.models.convnext import ConvNeXtStage
 from timm.models.xcit import ClassAttentionBlock, ConvPatchEmbed, PositionalEncodingFourier
 
-from ..layers import FanBlock, FanSeBlock, OverlapPatchEmbed, map_to_tokens, tokens_to_map
+from ..layers import ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, map_to_tokens, tokens_to_map
 from ._checkpoint import unwrap_checkpoint, check_keys
 
 __all__ = ['Fan', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add each entrypoint fn to this
@@ -163,6 +163,7 @@ class Fan(nn.Module):
             hybrid_depths: Optional[Tuple[int, int]] = None,
             legacy_norm: bool = True,
             head_init_scale: float = 1.,
+            dynamic_img_pad: bool = False,
             device=None,
             dtype=None,
     ) -> None:
@@ -192,6 +193,8 @@ class Fan(nn.Module):
             hybrid_depths: Depths of the two ConvNeXt stages of a FAN-Hybrid stem (None: the conv stem of FAN-ViT).
             legacy_norm: Hybrid only: unbiased-variance ConvNeXt norms, as the released hybrid weights need.
             head_init_scale: Scale of the initial head weights and bias.
+            dynamic_img_pad: Pad inputs whose size is not a multiple of the stem stride (bottom and right, with
+                zeros, as timm's ``dynamic_img_pad``) instead of refusing them.
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
@@ -209,6 +212,7 @@ class Fan(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = dims[-1]
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
+        self.dynamic_img_pad = dynamic_img_pad
 
         if hybrid_depths is not None:
             self.patch_embed = HybridEmbed(in_chans, dims[0], depths=hybrid_depths, legacy_norm=legacy_norm, **dd)
@@ -224,22 +228,27 @@ class Fan(nn.Module):
         self.pos_embed = PositionalEncodingFourier(dim=dims[0], **dd) if use_pos_embed else None
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
-        block_layer = FanSeBlock if se_mlp else FanBlock
         blocks = []
         self.feature_info = list(stem_info)
         reduction = self.patch_size
         for stage, (stage_depth, dim, stage_heads) in enumerate(zip(depths, dims, heads)):
+            if se_mlp:
+                mlp_layer = partial(SeMlp, mlp_ratio=mlp_ratio, drop=proj_drop_rate)
+            else:
+                mlp_layer = partial(
+                    ChannelAttention, num_heads=stage_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                    attn_drop=attn_drop_rate, drop=proj_drop_rate)
             for i in range(stage_depth):
                 last_of_stage = i == stage_depth - 1 and stage + 1 < num_stages
-                blocks.append(block_layer(
+                blocks.append(FanBlock(
                     dim=dim,
                     num_heads=stage_heads,
-                    mlp_ratio=mlp_ratio,
                     qkv_bias=qkv_bias,
                     proj_drop=proj_drop_rate,
                     attn_drop=attn_drop_rate,
                     drop_path=drop_path_rate,
                     norm_layer=norm_layer,
+                    mlp_layer=mlp_layer,
                     eta=eta,
                     downsample=OverlapPatchEmbed(dim, dims[stage + 1], **dd) if last_of_stage else None,
                     **dd,
@@ -253,6 +262,9 @@ class Fan(nn.Module):
                 ))
         self.blocks = nn.ModuleList(blocks)
         self.num_stem_features = len(stem_info)
+        # the first feature level with the final width: forward_intermediates(norm=True) normalises from there on
+        self.first_final_width_feature = next(
+            i for i, info in enumerate(self.feature_info) if i >= self.num_stem_features and info['num_chs'] == dims[-1])
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[-1], **dd))
         self.cls_attn_blocks = nn.ModuleList([
@@ -319,11 +331,23 @@ class Fan(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
+    def _fit_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) whose size is a multiple of the stem stride: padded with ``dynamic_img_pad``, else
+        checked."""
+        height, width = x.shape[-2], x.shape[-1]
+        stride = self.patch_size
+        if self.dynamic_img_pad:
+            pad_h, pad_w = (stride - height % stride) % stride, (stride - width % stride) % stride
+            return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+        _assert(height % stride == 0 and width % stride == 0,
+                f'input size {height}x{width} is not a multiple of the stem stride {stride} '
+                f'(dynamic_img_pad=True pads it)')
+        return x
+
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
         """Image (B, C, H, W) -> patch tokens with positional encoding (B, N, D) and the grid (Hp, Wp)."""
-        B, _, height, width = x.shape
-        _assert(height % 16 == 0, f'input height {height} is not a multiple of 16')
-        _assert(width % 16 == 0, f'input width {width} is not a multiple of 16')
+        x = self._fit_input(x)
+        B = x.shape[0]
         x, (Hp, Wp) = self.patch_embed(x)
         if self.pos_embed is not None:
             x = x + map_to_tokens(self.pos_embed(B, Hp, Wp))
@@ -377,7 +401,8 @@ class Fan(nn.Module):
         Args:
             x: Images (B, C, H, W).
             indices: Take the last n levels if int, all if None, the listed levels if a sequence.
-            norm: Apply the final norm to the block outputs.
+            norm: Apply the final norm to the block outputs of the final width (for FAN-XLarge-Hybrid, whose
+                first stage is narrower, those of the last stage; the others are returned as they are).
             stop_early: Stop after the last level taken.
             output_fmt: 'NCHW' maps, or 'NLC' tokens (FAN blocks only; ConvNeXt stages are always maps).
             intermediates_only: Return only the intermediates.
@@ -387,9 +412,8 @@ class Fan(nn.Module):
         assert output_fmt in ('NCHW', 'NLC'), 'output_fmt must be NCHW or NLC'
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         intermediates: List[torch.Tensor] = []
-        B, _, height, width = x.shape
-        _assert(height % 16 == 0, f'input height {height} is not a multiple of 16')
-        _assert(width % 16 == 0, f'input width {width} is not a multiple of 16')
+        x = self._fit_input(x)
+        B = x.shape[0]
         num_stem = self.num_stem_features
         if isinstance(self.patch_embed, HybridEmbed):
             stage_maps = self.patch_embed.backbone(x)
@@ -414,7 +438,7 @@ class Fan(nn.Module):
             else:
                 x, H, W = blk(x, H, W)
             if i + num_stem in take_indices:
-                y = self.norm(x) if norm else x
+                y = self.norm(x) if norm and i + num_stem >= self.first_final_width_feature else x
                 intermediates.append(tokens_to_map(y, H, W).contiguous() if output_fmt == 'NCHW' else y)
 
         if intermediates_only:
@@ -432,7 +456,7 @@ class Fan(nn.Module):
         """Drop the blocks (and optionally the norm and class-attention head) not needed for these levels."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         self.blocks = self.blocks[:max(max_index - self.num_stem_features + 1, 0)]
-        if prune_norm:
+        if prune_norm or max_index < self.first_final_width_feature:  # the final norm no longer fits the width
             self.norm = nn.Identity()
         if prune_head:
             self.cls_attn_blocks = nn.ModuleList()

@@ -8,7 +8,7 @@ channel attention each block's MLP is a ``ChannelAttention`` over the whole stag
 depthwise-conv MLP has no inner residual; the last stage keeps the plain MLP. Official checkpoints use the
 timm 0.5.4 Swin layout (patch merging at the end of a stage, ``head.weight``); the filter maps them.
 """
-from typing import Any, Dict, Tuple, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -61,9 +61,14 @@ class FanSwinBlock(SwinTransformerBlock):
 class FanSwin(SwinTransformer):
     """Swin Transformer with FAN channel attention in the stages flagged by ``channel_attn``.
 
-    The model runs at the image size it is built for (``img_size``, default 224): any multiple of 32 (the total
-    stride), e.g. ``timm.create_model('fan_swin_tiny_patch4_window7_224', img_size=384)``. Feature maps have
-    strides 4, 8, 16 and 32.
+    By default the model runs at the image size it is built for (``img_size``, default 224, a multiple of 32), e.g.
+    ``timm.create_model('fan_swin_tiny_patch4_window7_224', img_size=384)``; ``set_input_size()`` changes it.
+    ``dynamic_img_size=True`` accepts any image size (multiple of 4), building the shifted-window masks per input,
+    as timm's Swin does: one model for every size of a detection or segmentation set. Feature maps have strides 4,
+    8, 16 and 32.
+
+    timm's Swin builds the patch embedding, the patch merging, the final norm and the head (its stages are built
+    empty); the blocks, FAN's and plain Swin ones, are added per stage here with the same options.
     """
 
     def __init__(
@@ -76,7 +81,11 @@ class FanSwin(SwinTransformer):
             depths: Tuple[int, ...] = (2, 2, 6, 2),
             num_heads: Tuple[int, ...] = (3, 6, 12, 24),
             channel_attn: Tuple[bool, ...] = (True, True, True, False),
+            head_dim: Optional[int] = None,
             window_size: int = 7,
+            always_partition: bool = False,
+            strict_img_size: bool = True,
+            dynamic_img_size: bool = False,
             mlp_ratio: float = 4.,
             qkv_bias: bool = True,
             drop_rate: float = 0.,
@@ -97,7 +106,11 @@ class FanSwin(SwinTransformer):
             depths: Blocks per stage.
             num_heads: Attention heads per stage (used by window and channel attention).
             channel_attn: Per stage, whether the MLP is FAN's channel attention.
+            head_dim: Channels per attention head (default: width / heads).
             window_size: Attention window size.
+            always_partition: Always partition into windows and shift, even when the map is smaller than a window.
+            strict_img_size: Refuse inputs of another size than ``img_size``.
+            dynamic_img_size: Accept any input size (the same as ``strict_img_size=False``).
             mlp_ratio: Hidden width of the MLPs relative to the block width.
             qkv_bias: Biases in the qkv projections.
             drop_rate: Dropout before the head.
@@ -114,20 +127,26 @@ class FanSwin(SwinTransformer):
         # timm builds patch embedding, patch merging, norm and head; the blocks are added below
         super().__init__(
             img_size=img_size, patch_size=4, in_chans=in_chans, num_classes=num_classes, global_pool=global_pool,
-            embed_dim=embed_dim, depths=(0,) * len(depths), num_heads=num_heads, window_size=window_size,
-            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_rate=drop_rate, norm_layer=norm_layer, weight_init='skip',
-            device=device, dtype=dtype)
+            embed_dim=embed_dim, depths=(0,) * len(depths), num_heads=num_heads, head_dim=head_dim,
+            window_size=window_size, always_partition=always_partition, strict_img_size=strict_img_size,
+            dynamic_img_size=dynamic_img_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_rate=drop_rate,
+            norm_layer=norm_layer, weight_init='skip', device=device, dtype=dtype)
         drop_path_rates = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)
-        for i, (stage, depth, heads, use_channel_attn, rates) in enumerate(zip(
-                self.layers, depths, num_heads, channel_attn, drop_path_rates)):
+        for i, (stage, depth, heads, use_channel_attn, rates, stage_window) in enumerate(zip(
+                self.layers, depths, num_heads, channel_attn, drop_path_rates, self._ref_window_sizes)):
             block_layer = FanSwinBlock if use_channel_attn else SwinTransformerBlock
+            stage_window = to_2tuple(stage_window)
+            stage.depth = depth
             stage.blocks = nn.Sequential(*[
                 block_layer(
                     dim=embed_dim * 2 ** i,
                     input_resolution=stage.output_resolution,
                     num_heads=heads,
-                    window_size=window_size,
-                    shift_size=0 if j % 2 == 0 else window_size // 2,
+                    head_dim=head_dim,
+                    window_size=stage_window,
+                    shift_size=0 if j % 2 == 0 else tuple(w // 2 for w in stage_window),
+                    always_partition=always_partition,
+                    dynamic_mask=self.dynamic_img_size,
                     mlp_ratio=mlp_ratio,
                     qkv_bias=qkv_bias,
                     proj_drop=proj_drop_rate,
