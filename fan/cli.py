@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     'fan.finetune',
     'fan.bench.cli',
     'fan.export',
+    'fan.train',
 )
 
 

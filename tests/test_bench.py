@@ -176,7 +176,7 @@ def test_bench_command_end_to_end(tmp_path, capsys):
 def test_a_failing_model_is_reported_and_saved(tmp_path):
     settings = BenchSettings(batch_size=1, img_size=40, warmup=0, repeats=1)  # FAN needs multiples of 16
     rows = run_benchmark(['fan_tiny_12_p16_224'], settings, tmp_path, modes=('infer',), count_flops=False)
-    assert 'multiple of 16' in rows[0]['error']
+    assert 'not a multiple of the stem stride 16' in rows[0]['error']
     assert 'Traceback' in rows[0]['infer_traceback']
     assert json.loads((tmp_path / 'bench.json').read_text())['rows'][0]['error'] == rows[0]['error']
 

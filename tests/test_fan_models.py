@@ -155,7 +155,7 @@ def test_any_input_size_multiple_of_16(name):
     model = timm.create_model(name, depth=2).eval()
     x = torch.randn(1, 3, 80, 112)
     assert model.forward_features(x).shape == (1, 1 + 5 * 7, model.num_features)
-    with pytest.raises(Exception, match='not a multiple of 16'):
+    with pytest.raises(Exception, match='not a multiple of the stem stride 16'):
         model(torch.randn(1, 3, 80, 100))
 
 
