@@ -18,9 +18,41 @@ from torch.jit import Final
 from timm.layers import DropPath, LayerNorm, trunc_normal_, use_fused_attn
 
 __all__ = [
-    'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'ChannelAttention', 'SeMlp', 'FanBlock',
+    'Linear', 'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'ChannelAttention', 'SeMlp', 'FanBlock',
     'OverlapPatchEmbed', 'tokens_to_map', 'map_to_tokens',
 ]
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` with an inference fast path on the CPU: oneDNN's linear, which adds the bias in the matrix
+    product's epilogue. ``F.linear`` there first copies the broadcast bias into the output (an extra, slow pass over
+    it), and the FAN layers' products are memory-bound enough for that to show (the fast path measured 1.3-1.8x
+    faster on 3136 x 192 x 768 products, 2 cores). Training, scripting, tracing, ``torch.compile`` and export
+    take ``F.linear``; the outputs agree to float32 rounding.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting() or not self._fast_path(x):
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'none', [], '')
+
+    @torch.jit.ignore
+    def _fast_path(self, x: torch.Tensor) -> bool:
+        return (
+            _MKLDNN_LINEAR
+            and type(x) is torch.Tensor  # not an FX proxy, fake or functional tensor
+            and x.device.type == 'cpu'
+            and x.dtype == self.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled('cpu')  # autocast's bf16 products go through F.linear
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting()
+            and not torch.onnx.is_in_onnx_export()
+        )
+
+
+_MKLDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 
 
 def tokens_to_map(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -91,10 +123,10 @@ class DwConvMlp(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.residual = residual
-        self.fc1 = nn.Linear(in_features, hidden_features, **dd)
+        self.fc1 = Linear(in_features, hidden_features, **dd)
         self.dwconv = DepthwiseConvMixer(hidden_features, **dd)
         self.gamma = nn.Parameter(torch.ones(hidden_features, **dd))
-        self.fc2 = nn.Linear(hidden_features, in_features, **dd)
+        self.fc2 = Linear(hidden_features, in_features, **dd)
         self.drop = nn.Dropout(drop)
         self.apply(_init_mlp_weights)
 
@@ -142,10 +174,10 @@ class TokenMixing(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
-        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
+        self.q = Linear(dim, dim, bias=qkv_bias, **dd)
+        self.kv = Linear(dim, dim * 2, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj = Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,7 +225,7 @@ class ChannelAttention(nn.Module):
         assert dim % num_heads == 0, f'dim {dim} must be divisible by num_heads {num_heads}'
         self.num_heads = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1, **dd))
-        self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.q = Linear(dim, dim, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
         self.mlp_v = DwConvMlp(dim, int(dim * mlp_ratio), drop=drop, residual=mlp_residual, **dd)
         self.norm_v = nn.LayerNorm(dim, **dd)

@@ -240,3 +240,23 @@ def test_format_table():
     assert lines[0].split() == ['model', 'GMACs'] and lines[2].split() == ['a', '1.235']
     assert lines[3].split() == ['long_name', '-']
     assert format_table(rows, ['model'], markdown=True).splitlines()[1] == '|---|'
+
+
+def test_gpu_script_runs_on_the_cpu_quick(tmp_path):
+    """benchmarks/gpu.sh --device cpu --quick: two models eager in both modes, the merged CSV and Markdown table."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu.sh'
+    run = subprocess.run(['bash', str(script), '--device', 'cpu', '--quick', '--out', str(tmp_path)],
+                         env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with (tmp_path / 'gpu.csv').open() as f:
+        rows = {row['model']: row for row in csv.DictReader(f)}
+    assert sorted(rows) == ['deit_tiny_patch16_224', 'fan_tiny_12_p16_224']
+    for row in rows.values():
+        assert float(row['eager_infer']) > 0 and float(row['eager_train']) > 0 and not row['compiled_infer']
+    table = (tmp_path / 'gpu.md').read_text()
+    assert '| fan_tiny_12_p16_224 |' in table and 'inference batch 2' in table

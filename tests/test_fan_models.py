@@ -9,7 +9,7 @@ import timm
 import torch
 
 import fan  # noqa: F401
-from fan.models.fan import LegacyLayerNorm2d
+from fan.models.fan import LegacyLayerNorm, LegacyLayerNorm2d
 from fan.zoo import count_params
 
 CONFORMANCE = Path(__file__).parent / 'conformance'
@@ -228,8 +228,9 @@ def test_hybrid_legacy_norm_is_selectable():
     legacy = timm.create_model('fan_tiny_8_p4_hybrid', depth=1).eval()
     modern = timm.create_model('fan_tiny_8_p4_hybrid', depth=1, legacy_norm=False).eval()
     modern.load_state_dict(legacy.state_dict())
-    stage_norms = [m for m in legacy.patch_embed.backbone.stages.modules() if isinstance(m, LegacyLayerNorm2d)]
-    assert len(stage_norms) == 3 + 3 + 1  # block norms of both stages and the stage-1 downsample norm
+    stages = list(legacy.patch_embed.backbone.stages.modules())
+    assert sum(isinstance(m, LegacyLayerNorm) for m in stages) == 3 + 3  # the block norms (channels-last)
+    assert sum(isinstance(m, LegacyLayerNorm2d) for m in stages) == 1  # the stage-1 downsample norm
     assert not isinstance(legacy.patch_embed.backbone.stem[1], LegacyLayerNorm2d)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

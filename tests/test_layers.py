@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 
 from fan.layers import ChannelAttention, DepthwiseConvMixer, DwConvMlp, FanBlock, OverlapPatchEmbed, SeMlp, TokenMixing
-from fan.models.fan import LegacyLayerNorm2d
+from fan.models.fan import LegacyLayerNorm, LegacyLayerNorm2d
 
 torch.manual_seed(0)
 ATOL = 1e-5
@@ -193,6 +193,15 @@ def test_legacy_layer_norm_2d_uses_unbiased_variance():
     mean = x.mean(1, keepdim=True)
     var = ((x - mean) ** 2).sum(1, keepdim=True) / (8 - 1)
     expected = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight[:, None, None] + norm.bias[:, None, None]
+    torch.testing.assert_close(norm(x), expected, atol=ATOL, rtol=ATOL)
+
+
+def test_legacy_layer_norm_channels_last_uses_unbiased_variance():
+    norm = randomize(LegacyLayerNorm(8))
+    x = torch.randn(2, 3, 4, 8)
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).sum(-1, keepdim=True) / (8 - 1)
+    expected = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
     torch.testing.assert_close(norm(x), expected, atol=ATOL, rtol=ATOL)
 
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, get_device_dtype, trunc_normal_, _assert
+from timm.layers import LayerNorm, LayerNorm2d, get_device_dtype, trunc_normal_, _assert
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_model_deprecations
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -32,6 +32,17 @@ __all__ = ['Fan', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add
 IntOrSeq = Union[int, Sequence[int]]
 
 
+def _unbiased_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """LayerNorm over the last dim with the *unbiased* variance (divided by C - 1), through the fused kernel.
+
+    With var_u = var_b * C / (C - 1): (x - mean) / sqrt(var_u + eps) = s * (x - mean) / sqrt(var_b + eps * (C - 1) / C)
+    for s = sqrt((C - 1) / C), so it is the standard norm with eps scaled by (C - 1) / C and the weight by s.
+    """
+    C = x.shape[-1]
+    ratio = (C - 1) / C
+    return F.layer_norm(x, (C,), norm.weight * ratio ** 0.5, norm.bias, norm.eps * ratio)
+
+
 class LegacyLayerNorm2d(LayerNorm2d):
     """LayerNorm over the channels of an NCHW map that normalises with the *unbiased* variance (divides by C - 1).
 
@@ -41,15 +52,22 @@ class LegacyLayerNorm2d(LayerNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(x, dim=1, unbiased=True, keepdim=True)
-        x = (x - mean) * torch.rsqrt(var + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        return _unbiased_layer_norm(x.permute(0, 2, 3, 1), self).permute(0, 3, 1, 2)
+
+
+class LegacyLayerNorm(LayerNorm):
+    """:class:`LegacyLayerNorm2d` for channels-last tensors (..., C): the norm inside the hybrids' ConvNeXt blocks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _unbiased_layer_norm(x, self)
 
 
 class HybridBackbone(nn.Module):
     """The ConvNeXt stem of FAN-Hybrid: k4 s4 conv + LayerNorm2d, then two ConvNeXt stages (128 and 256 channels).
 
-    Image (B, 3, H, W) -> stage maps [(B, 128, H/4, W/4), (B, 256, H/8, W/8)].
+    Image (B, 3, H, W) -> stage maps [(B, 128, H/4, W/4), (B, 256, H/8, W/8)]. The blocks run channels-last with
+    Linear MLPs (timm's ``conv_mlp=False``), so the maps stay in channels-last memory without copies; the released
+    weights' 1x1-conv MLP weights are reshaped on load (``checkpoint_filter_fn``).
     """
 
     def __init__(
@@ -63,7 +81,7 @@ class HybridBackbone(nn.Module):
     ) -> None:
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        norm_layer = LegacyLayerNorm2d if legacy_norm else LayerNorm2d
+        norm_layer, norm_layer_cl = (LegacyLayerNorm2d, LegacyLayerNorm) if legacy_norm else (LayerNorm2d, LayerNorm)
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4, **dd),
             LayerNorm2d(dims[0], **dd),
@@ -75,8 +93,9 @@ class HybridBackbone(nn.Module):
                 stride=1 if i == 0 else 2,
                 depth=depths[i],
                 ls_init_value=1e-6,
-                conv_mlp=True,
+                conv_mlp=False,
                 norm_layer=norm_layer,
+                norm_layer_cl=norm_layer_cl,
                 **dd,
             )
             for i in range(len(depths))])
@@ -346,12 +365,15 @@ class Fan(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
         """Image (B, C, H, W) -> patch tokens with positional encoding (B, N, D) and the grid (Hp, Wp)."""
-        x = self._fit_input(x)
-        B = x.shape[0]
-        x, (Hp, Wp) = self.patch_embed(x)
+        x, (Hp, Wp) = self.patch_embed(self._fit_input(x))
+        return self._add_pos_embed(x, Hp, Wp), Hp, Wp
+
+    def _add_pos_embed(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """Patch tokens (B, N, D) + the Fourier positional encoding of the (H, W) grid, as contiguous tokens (the
+        stems give a transposed view of a map; every block is faster on contiguous tokens)."""
         if self.pos_embed is not None:
-            x = x + map_to_tokens(self.pos_embed(B, Hp, Wp))
-        return self.pos_drop(x), Hp, Wp
+            x = x + map_to_tokens(self.pos_embed(x.shape[0], H, W))
+        return self.pos_drop(x.contiguous())
 
     def _run_blocks(self, x: torch.Tensor, H: int, W: int) -> Tuple[torch.Tensor, int, int]:
         for blk in self.blocks:
@@ -413,7 +435,6 @@ class Fan(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         intermediates: List[torch.Tensor] = []
         x = self._fit_input(x)
-        B = x.shape[0]
         num_stem = self.num_stem_features
         if isinstance(self.patch_embed, HybridEmbed):
             stage_maps = self.patch_embed.backbone(x)
@@ -425,9 +446,7 @@ class Fan(nn.Module):
             x = map_to_tokens(x)
         else:
             x, (H, W) = self.patch_embed(x)
-        if self.pos_embed is not None:
-            x = x + map_to_tokens(self.pos_embed(B, H, W))
-        x = self.pos_drop(x)
+        x = self._add_pos_embed(x, H, W)
 
         last_block = max_index - num_stem if stop_early and not torch.jit.is_scripting() else len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
@@ -470,7 +489,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: Fan) -> Dict[str, to
     """Official FAN checkpoint (a training-checkpoint dict or a bare state dict) -> this model's state dict.
 
     Unwraps ``state_dict_ema`` / ``state_dict`` / ``model``, strips ``module.``, renames the legacy ``pos_embeder.``,
-    splits a fused class-attention ``qkv`` into q, k, v, and raises a ``ValueError`` naming any missing or
+    reshapes the hybrid ConvNeXt's 1x1-conv MLP weights to Linear ones, splits a fused class-attention ``qkv``, and raises a ``ValueError`` naming any missing or
     unexpected keys (the classifier is left to timm, which drops it when ``num_classes`` differs).
     """
     state_dict = unwrap_checkpoint(state_dict)
@@ -480,6 +499,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: Fan) -> Dict[str, to
             k = 'pos_embed.' + k[len('pos_embeder.'):]
         if k.startswith('pos_embed.') and model.pos_embed is None:
             continue
+        if k.startswith('patch_embed.backbone.stages.') and '.mlp.fc' in k and v.ndim == 4:
+            v = v.flatten(1)  # the released 1x1-conv MLP weights -> Linear weights
         if k.startswith('cls_attn_blocks.') and '.attn.qkv.' in k:
             prefix, kind = k.split('.attn.qkv.')
             for name, part in zip('qkv', v.chunk(3, dim=0)):

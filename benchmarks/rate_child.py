@@ -1,0 +1,99 @@
+"""One measurement in a fresh process, for benchmarks/vs_official.py: throughput and peak memory of one model.
+
+    python rate_child.py ours|official MODEL --batch 16 --threads 2 --seconds 4 [--precision bf16] [--compile]
+
+``official`` imports the official implementation from ``$OFFICIAL_FAN_DIR`` (its ``models/`` registers the FAN
+models with the timm it was written for, 0.5.4); ``ours`` imports fan. Prints one JSON line: inference and
+training-step images per second (timed for at least ``--seconds`` each after a warm-up step), the process's peak
+resident memory, and the fp32 / bf16 matrix-multiply rate of this process (GMAC/s), the machine's ceiling.
+Runs under the official environment too, so it uses nothing newer than torch and timm 0.5.4 offer.
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+
+
+def matmul_gmacs(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
+    """Multiply-adds per second (G) of square matrix products: the ceiling a model's matmuls can reach."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    start, count = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return count * size ** 3 / (time.perf_counter() - start) / 1e9
+
+
+def rate(step, batch: int, seconds: float) -> float:
+    step()
+    start, count = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds or count < 2:
+        step()
+        count += 1
+    return count * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument('impl', choices=('ours', 'official'))
+    parser.add_argument('model')
+    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--seconds', type=float, default=4.0)
+    parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32')
+    parser.add_argument('--compile', action='store_true', help='torch.compile (inference only)')
+    parser.add_argument('--no-train', action='store_true')
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.impl == 'official':
+        sys.path.insert(0, os.environ['OFFICIAL_FAN_DIR'])
+        import models  # noqa: F401  (registers the official FAN models with timm 0.5.4)
+    else:
+        import fan  # noqa: F401
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(args.model)
+    x = torch.randn(args.batch, 3, 224, 224)
+    y = torch.randint(0, 1000, (args.batch,))
+    autocast = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if args.precision == 'bf16' else \
+        (lambda: torch.autocast('cpu', enabled=False))
+    runner = torch.compile(model) if args.compile else model
+
+    def infer_step() -> None:
+        with torch.inference_mode(), autocast():
+            runner(x)
+
+    model.eval()
+    result = {'impl': args.impl, 'model': args.model, 'batch': args.batch, 'threads': args.threads,
+              'precision': args.precision, 'compile': args.compile, 'torch': torch.__version__,
+              'timm': timm.__version__}
+    start = time.perf_counter()
+    infer_step()
+    result['first_step_s'] = time.perf_counter() - start  # includes compilation with --compile
+    result['infer_img_s'] = rate(infer_step, args.batch, args.seconds)
+    if not args.no_train:
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def train_step() -> None:
+            optimizer.zero_grad()
+            with autocast():
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            optimizer.step()
+
+        result['train_img_s'] = rate(train_step, args.batch, args.seconds * 1.5)
+    result['peak_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result['matmul_fp32_gmacs'] = matmul_gmacs(torch.float32)
+    result['matmul_bf16_gmacs'] = matmul_gmacs(torch.bfloat16)
+    print(json.dumps(result))
+
+
+if __name__ == '__main__':
+    main()
