@@ -16,7 +16,7 @@ from timm.data import ImageNetInfo, create_transform
 from .data import bundled_photos
 from .errors import UserError
 from .factory import create_model, resolve_data_config
-from .io import read_image, write_json
+from .io import read_image, write_atomic, write_json
 from .options import add_model_options, add_out_option, add_run_options, autocast, model_from_args, resolve_device
 from .registry import FAMILIES
 
@@ -100,7 +100,7 @@ def demo_zoo_table(out_dir: Path) -> None:
     """Demo step: the zoo table, also written to zoo.txt."""
     table = format_zoo(zoo())
     print(table)
-    (out_dir / 'zoo.txt').write_text(table + '\n')
+    write_atomic(out_dir / 'zoo.txt', table + '\n')
 
 
 def _demo_model() -> Tuple[nn.Module, str]:

@@ -137,7 +137,7 @@ def test_pretrained_cfgs_point_at_the_release():
     assert cfg.url.endswith('/v1.0.0/fan_hybrid_base_in22k_1k_384.pth.tar')
     assert cfg.input_size == (3, 384, 384) and cfg.crop_pct == 1.0 and cfg.interpolation == 'bicubic'
     assert timm.get_pretrained_cfg('fan_large_16_p4_hybrid.nv_in22k').num_classes == 19167
-    assert 'non-commercial' in cfg.license or 'nc' in cfg.license.lower()
+    assert cfg.license == 'nvidia-source-code-license-nc'
     assert set(timm.list_pretrained('fan_*')) >= {
         'fan_tiny_12_p16_224.nv_in1k', 'fan_small_12_p16_224.nv_in1k', 'fan_base_18_p16_224.nv_in1k',
         'fan_tiny_8_p4_hybrid.nv_in1k', 'fan_small_12_p4_hybrid.nv_in1k', 'fan_base_16_p4_hybrid.nv_in1k',

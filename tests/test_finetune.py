@@ -139,8 +139,6 @@ def test_lpft_distorts_features_less_than_ft(dataset, tmp_path):
 
 
 def test_fan_model_transfers(dataset, tmp_path):
-    if not timm.list_models('fan_tiny_12_p16_224'):
-        pytest.skip('FAN models are not registered yet')
     torch.manual_seed(0)
     model = timm.create_model('fan_tiny_12_p16_224')
     lp = run_transfer(model, folders(dataset, model), 'lp', tmp_path / 'lp', batch_size=12, workers=0, cs=[1e-2, 1e2])

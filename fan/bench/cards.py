@@ -24,6 +24,7 @@ from ..zoo import zoo
 from .flops import count_gmacs, count_params
 from .published import fan_results
 from ..errors import MissingPathError, UserError
+from ..io import write_atomic, write_json
 
 __all__ = [
     'ZOO_START', 'ZOO_END', 'fan_model_names', 'describe_architecture', 'build_card', 'load_cards', 'write_cards',
@@ -139,7 +140,7 @@ def write_cards(card_dir: Path, names: Optional[Sequence[str]] = None) -> List[P
     paths = []
     for name in names or fan_model_names():
         path = card_dir / f'{name}.json'
-        path.write_text(json.dumps(build_card(name), indent=2) + '\n')
+        write_json(path, build_card(name))
         paths.append(path)
     return paths
 
@@ -225,5 +226,5 @@ def update_readme(readme: Path, cards: Dict[str, Dict[str, Any]]) -> bool:
     if not pattern.search(text):
         raise UserError(f'{readme} has no {ZOO_START} ... {ZOO_END} block')
     new = pattern.sub(lambda _: f'{ZOO_START}\n{zoo_table(cards)}\n{ZOO_END}', text)
-    readme.write_text(new)
+    write_atomic(readme, new)
     return new != text

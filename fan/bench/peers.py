@@ -7,7 +7,6 @@ peak at the same batch (``memory/``), and the FAN models' training peak at a lar
 checkpointing (``ckpt_off/``, ``ckpt_on/``). ``fan_vs_peer.csv`` holds one row of ratios per pair, with the
 targets of the performance issue and what a direct port of the official code reached.
 """
-import csv
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from .child import run_in_child
 from .measure import MODES, BenchSettings, measure_interleaved
 from .runner import describe_machine, run_benchmark
 from ..errors import UserError
+from ..io import write_csv, write_json
 
 __all__ = ['FAN_XCIT_PAIRS', 'TARGETS', 'pair_ratios', 'compare_with_peers']
 
@@ -87,7 +87,7 @@ def _interleaved_throughput(out_dir: Path, pairs: Sequence[Tuple[str, str]], set
             key = f'{pair[0]} vs {pair[1]}: {mode}'
             if key not in document['results']:
                 document['results'][key] = run_in_child(measure_interleaved, pair, mode, settings, timeout=timeout)
-                path.write_text(json.dumps(document, indent=1) + '\n')
+                write_json(path, document, indent=1)
     merged: Dict[str, Dict[str, Any]] = {}
     for result in document['results'].values():
         for model, values in result.items():
@@ -131,8 +131,6 @@ def compare_with_peers(
         fan_row, peer_row = (dict(throughput[m], train_peak_mem_mib=passes['memory'][m].get('train_peak_mem_mib'))
                              for m in (fan_model, peer))
         ratios.append(pair_ratios(fan_row, peer_row, passes['ckpt_off'][fan_model], passes['ckpt_on'][fan_model]))
-    with (out_dir / 'fan_vs_peer.csv').open('w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=RATIO_COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in ratios)
+    write_csv(out_dir / 'fan_vs_peer.csv',
+              [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in ratios], RATIO_COLUMNS)
     return ratios

@@ -4,7 +4,6 @@ Output in ``out_dir``: ``bench.csv`` (one row per model) and ``bench.json`` (the
 settings and the machine); ``fan bench`` adds the figures of :mod:`fan.bench.plots`. A model that fails gets an
 ``error`` and the others still run; ``resume=True`` keeps the rows of an earlier run with the same settings.
 """
-import csv
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ from .child import ChildError, run_in_child
 from .measure import MODES, BenchSettings, measure
 from .published import published_top1
 from ..errors import UserError
+from ..io import write_csv, write_json
 
 __all__ = [
     'BASELINES', 'QUICK_MODELS', 'GMACS_NOTE', 'CSV_COLUMNS', 'default_models', 'resolve_models', 'describe_machine',
@@ -102,18 +102,10 @@ def _load_previous(out_dir: Path, settings: BenchSettings) -> Dict[str, Dict[str
 
 
 def _save(out_dir: Path, rows: List[Dict[str, Any]], settings: BenchSettings, machine: Dict[str, Any]) -> None:
-    """Write bench.json and bench.csv (each through a temporary file, so an interrupted run leaves valid files)."""
+    """Write bench.json and bench.csv (atomically, so an interrupted run leaves valid files)."""
     document = {'settings': asdict(settings), 'machine': machine, 'note': GMACS_NOTE, 'rows': rows}
-    tmp = out_dir / 'bench.json.tmp'
-    tmp.write_text(json.dumps(document, indent=1) + '\n')
-    tmp.replace(out_dir / 'bench.json')
-    tmp = out_dir / 'bench.csv.tmp'
-    with tmp.open('w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction='ignore')
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _rounded(k, v) for k, v in row.items()})
-    tmp.replace(out_dir / 'bench.csv')
+    write_json(out_dir / 'bench.json', document, indent=1)
+    write_csv(out_dir / 'bench.csv', [{k: _rounded(k, v) for k, v in row.items()} for row in rows], CSV_COLUMNS)
 
 
 def _rounded(key: str, value: Any) -> Any:

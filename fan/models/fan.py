@@ -23,6 +23,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.convnext import ConvNeXtStage
 from timm.models.xcit import ClassAttentionBlock, ConvPatchEmbed, PositionalEncodingFourier
+from timm.models.xcit import checkpoint_filter_fn as xcit_checkpoint_filter_fn
 
 from ..layers import ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, map_to_tokens, tokens_to_map
 from ._checkpoint import unwrap_checkpoint, check_keys
@@ -488,24 +489,16 @@ class Fan(nn.Module):
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: Fan) -> Dict[str, torch.Tensor]:
     """Official FAN checkpoint (a training-checkpoint dict or a bare state dict) -> this model's state dict.
 
-    Unwraps ``state_dict_ema`` / ``state_dict`` / ``model``, strips ``module.``, renames the legacy ``pos_embeder.``,
-    reshapes the hybrid ConvNeXt's 1x1-conv MLP weights to Linear ones, splits a fused class-attention ``qkv``, and raises a ``ValueError`` naming any missing or
-    unexpected keys (the classifier is left to timm, which drops it when ``num_classes`` differs).
+    Unwraps a training checkpoint (its ``state_dict``) and strips ``module.``; timm's XCiT filter renames the legacy
+    ``pos_embeder.`` and splits a fused class-attention ``qkv`` into q, k, v; the hybrid ConvNeXt's 1x1-conv MLP
+    weights become Linear ones. Raises a ``ValueError`` naming any missing or unexpected keys (the classifier is
+    left to timm, which drops it when ``num_classes`` differs).
     """
-    state_dict = unwrap_checkpoint(state_dict)
+    state_dict = xcit_checkpoint_filter_fn(dict(unwrap_checkpoint(state_dict)), model)
     out = {}
     for k, v in state_dict.items():
-        if k.startswith('pos_embeder.'):
-            k = 'pos_embed.' + k[len('pos_embeder.'):]
-        if k.startswith('pos_embed.') and model.pos_embed is None:
-            continue
         if k.startswith('patch_embed.backbone.stages.') and '.mlp.fc' in k and v.ndim == 4:
             v = v.flatten(1)  # the released 1x1-conv MLP weights -> Linear weights
-        if k.startswith('cls_attn_blocks.') and '.attn.qkv.' in k:
-            prefix, kind = k.split('.attn.qkv.')
-            for name, part in zip('qkv', v.chunk(3, dim=0)):
-                out[f'{prefix}.attn.{name}.{kind}'] = part
-            continue
         out[k] = v
     check_keys(out, model)
     return out
