@@ -33,7 +33,7 @@ __all__ = ['Fan', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add
 IntOrSeq = Union[int, Sequence[int]]
 
 
-def _unbiased_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+def _unbiased_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim with the *unbiased* variance (divided by C - 1), through the fused kernel.
 
     With var_u = var_b * C / (C - 1): (x - mean) / sqrt(var_u + eps) = s * (x - mean) / sqrt(var_b + eps * (C - 1) / C)
@@ -41,7 +41,7 @@ def _unbiased_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     """
     C = x.shape[-1]
     ratio = (C - 1) / C
-    return F.layer_norm(x, (C,), norm.weight * ratio ** 0.5, norm.bias, norm.eps * ratio)
+    return F.layer_norm(x, [C], weight * ratio ** 0.5, bias, eps * ratio)
 
 
 class LegacyLayerNorm2d(LayerNorm2d):
@@ -53,14 +53,14 @@ class LegacyLayerNorm2d(LayerNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _unbiased_layer_norm(x.permute(0, 2, 3, 1), self).permute(0, 3, 1, 2)
+        return _unbiased_layer_norm(x.permute(0, 2, 3, 1), self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
 
 
 class LegacyLayerNorm(LayerNorm):
     """:class:`LegacyLayerNorm2d` for channels-last tensors (..., C): the norm inside the hybrids' ConvNeXt blocks."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _unbiased_layer_norm(x, self)
+        return _unbiased_layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class HybridBackbone(nn.Module):
@@ -357,11 +357,11 @@ class Fan(nn.Module):
         height, width = x.shape[-2], x.shape[-1]
         stride = self.patch_size
         if self.dynamic_img_pad:
-            pad_h, pad_w = (stride - height % stride) % stride, (stride - width % stride) % stride
-            return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
-        _assert(height % stride == 0 and width % stride == 0,
-                f'input size {height}x{width} is not a multiple of the stem stride {stride} '
-                f'(dynamic_img_pad=True pads it)')
+            return F.pad(x, (0, (stride - width % stride) % stride, 0, (stride - height % stride) % stride))
+        _assert(height % stride == 0, f'input height {height} is not a multiple of the stem stride {stride} '
+                                      f'(dynamic_img_pad=True pads it)')
+        _assert(width % stride == 0, f'input width {width} is not a multiple of the stem stride {stride} '
+                                     f'(dynamic_img_pad=True pads it)')
         return x
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
