@@ -19,7 +19,6 @@ import argparse
 import ast
 import csv
 import io
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +27,6 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import yaml
 from timm.data import Mixup, create_dataset, create_transform
@@ -41,11 +39,11 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from .augment import SmoothMix
+from .distributed import DistributedContext, distributed_context
 from .errors import MissingPathError, UserError
 from .factory import resolve_data_config
 from .io import save_torch, write_atomic
-from .options import add_data_option, add_model_options, add_out_option, add_run_options, autocast, model_from_args, \
-    resolve_device
+from .options import add_data_option, add_model_options, add_out_option, add_run_options, autocast, model_from_args
 
 __all__ = ['Recipe', 'RECIPES', 'PAPER_GLOBAL_BATCH', 'SUMMARY_COLUMNS', 'resolve_settings', 'train']
 
@@ -193,38 +191,6 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(value)
 
 
-# ----------------------------------------------------------------------------------------------- distributed
-
-@dataclass
-class _Context:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: List[float]) -> List[float]:
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(tensor)
-        return tensor.tolist()
-
-
-def _context(device_name: str) -> _Context:
-    device = resolve_device(device_name)
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    if world_size == 1:
-        return _Context(0, 1, device)
-    if device.type == 'cuda':
-        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return _Context(dist.get_rank(), dist.get_world_size(), device)
-
-
 # ----------------------------------------------------------------------------------------------- the loop
 
 def _model_kwargs(pairs: Optional[List[str]]) -> Dict[str, Any]:
@@ -240,7 +206,7 @@ def _model_kwargs(pairs: Optional[List[str]]) -> Dict[str, Any]:
     return kwargs
 
 
-def _evaluate(model: nn.Module, loader: DataLoader, context: _Context, precision: str) -> Dict[str, float]:
+def _evaluate(model: nn.Module, loader: DataLoader, context: DistributedContext, precision: str) -> Dict[str, float]:
     model.eval()
     totals = [0., 0., 0., 0.]  # loss sum, top-1 hits, top-5 hits, images
     with torch.no_grad(), autocast(precision, context.device)():
@@ -268,8 +234,12 @@ def _plain(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run ``fan train`` with parsed arguments; returns the last summary row."""
-    context = _context(args.device)
+    """Run ``fan train`` with parsed arguments (under torchrun: in its process group); returns the last summary row."""
+    with distributed_context(args.device) as context:
+        return _train(args, context)
+
+
+def _train(args: argparse.Namespace, context: DistributedContext) -> Dict[str, Any]:
     settings = resolve_settings(args, context.world_size)
     if context.device.type == 'cpu' and args.precision is None and settings['precision'] != 'fp32':
         settings['precision'] = 'fp32'  # CPUs without bf16 matrix units run bf16 slower than fp32
@@ -402,9 +372,6 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                   f'{row["eval_loss"]:.4f}, top-1 {row["eval_top1"]:.2f} %, top-5 {row["eval_top5"]:.2f} %, '
                   f'lr {row["lr"]:.3g}, {time.perf_counter() - started:.1f} s' + (' (best)' if improved else ''),
                   flush=True)
-    if context.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
     return rows[-1] if rows else {}
 
 

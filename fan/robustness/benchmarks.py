@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from .data import find_imagenet_c_cells, imagenet_subset_indices, list_class_folders
-from .evaluate import CellCounts, ModelSpec, distributed_context, evaluate_cells
+from ..distributed import distributed_context
+from .evaluate import CellCounts, ModelSpec, evaluate_cells
 from .metrics import EXTRA_CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
 from .report import markdown_report, plot_error_heatmap
 from .results import CLEAN, build_imagenet_c_results, cell_name, load_finished_cells, top_k_percent

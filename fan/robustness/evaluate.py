@@ -5,13 +5,11 @@ duplicates) and the per-folder counts are summed with ``all_reduce``, so the num
 run exactly. One DataLoader feeds all folders ("cells") in turn, so its workers keep decoding across cell
 boundaries; its batches never mix two cells. Unreadable images are counted and reported, never fatal.
 """
-import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -24,10 +22,11 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..factory import create_model, resolve_data_config
-from ..options import autocast, resolve_device
+from ..distributed import DistributedContext
+from ..options import autocast
 from .data import LabelledImage, LabelledImageDataset
 
-__all__ = ['PROTOCOLS', 'AsStoredOrResized', 'ModelSpec', 'CellCounts', 'DistributedContext', 'distributed_context', 'evaluate_cells']
+__all__ = ['PROTOCOLS', 'AsStoredOrResized', 'ModelSpec', 'CellCounts', 'evaluate_cells']
 
 
 class NormalizeUint8(nn.Module):
@@ -120,46 +119,6 @@ class CellCounts:
     top1_correct: int = 0
     top5_correct: int = 0
     skipped: List[str] = field(default_factory=list)  # one 'cannot read image PATH: reason' per unreadable file
-
-
-@dataclass
-class DistributedContext:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def broadcast(self, obj):
-        """Rank 0's ``obj`` on every rank."""
-        if self.world_size == 1:
-            return obj
-        holder = [obj]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-
-
-@contextmanager
-def distributed_context(device: str = 'auto') -> Iterator[DistributedContext]:
-    """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on CUDA)."""
-    device = resolve_device(device)
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    if world_size == 1:
-        yield DistributedContext(0, 1, device)
-        return
-    if device.type == 'cuda':
-        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
-        torch.cuda.set_device(device)
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    try:
-        yield DistributedContext(dist.get_rank(), dist.get_world_size(), device)
-    finally:
-        if created:
-            dist.destroy_process_group()
 
 
 def _collate(batch: List[Tuple[Optional[torch.Tensor], int, str]]):
