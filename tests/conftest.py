@@ -5,6 +5,7 @@ run into ``tests/timm_peer/_timm/`` (git-ignored). Offline, the peer part is ski
 ``FAN_REQUIRE_PEER=1`` (CI) makes a failed download an error; ``FAN_SKIP_PEER=1`` skips it on purpose.
 """
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -67,3 +68,11 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool:
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     if _peer_skip_reason:
         terminalreporter.write_line(f'NOTE: {_peer_skip_reason}', yellow=True)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for torchrun's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]

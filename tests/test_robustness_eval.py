@@ -5,7 +5,6 @@ prediction is right), so a wrong label mapping, sharding or count changes the nu
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -225,18 +224,12 @@ def test_clear_errors(imagenet_c, tmp_path, capsys):
     assert 'ImageNet-C folder not found' in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def test_torchrun_two_processes_match_single_process(imagenet_c, tmp_path):
+def test_torchrun_two_processes_match_single_process(imagenet_c, tmp_path, free_port):
     single = tmp_path / 'single'
     assert main(_eval_c_args(imagenet_c, single, '--workers', '0')) == 0
     sharded = tmp_path / 'sharded'
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr',
-               '127.0.0.1', '--master_port', str(_free_port()), '-m', 'fan',
+               '127.0.0.1', '--master_port', str(free_port), '-m', 'fan',
                *_eval_c_args(imagenet_c, sharded, '--workers', '0')]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)

@@ -3,7 +3,6 @@ and a two-process torchrun run (gloo)."""
 import csv
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -127,15 +126,9 @@ def test_bad_input(two_classes, tmp_path, capsys):
     assert 'no paper recipe for resnet18' in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def test_torchrun_two_processes_train_an_epoch(two_classes, tmp_path):
+def test_torchrun_two_processes_train_an_epoch(two_classes, tmp_path, free_port):
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr', '127.0.0.1',
-               '--master_port', str(_free_port()), '-m', 'fan', 'train', *TINY, '--data', str(two_classes),
+               '--master_port', str(free_port), '-m', 'fan', 'train', *TINY, '--data', str(two_classes),
                '--out', str(tmp_path), '--epochs', '1', '-b', '4']
     run = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
                          timeout=300)

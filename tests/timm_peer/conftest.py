@@ -7,8 +7,9 @@ Tests that do not run on a FAN model (timm's checks of specific timm models) are
 tests that download pretrained weights (no test fetches weights).
 
 Time budget: every test runs on every model of up to 30 M parameters (the tiny and small variant of each family);
-the bigger models (same code, more or wider blocks) get the forward, config, feature and pruning tests, while
-the slow backward / TorchScript / FX tests run on them only with ``FAN_PEER_ALL=1``.
+the bigger models (same code, more or wider blocks) get the forward, config and feature tests, while the slow
+backward / TorchScript / FX / pruning-contract tests run on them only with ``FAN_PEER_ALL=1`` (pruning a two-width
+model is also tested on a small config in tests/test_dense.py).
 """
 import os
 from contextlib import contextmanager
@@ -30,7 +31,8 @@ _list_models = registry.list_models
 FAN_MODELS = set(fan_models())
 DOWNLOADING_TESTS = ('test_model_load_pretrained', 'test_model_features_pretrained')
 SLOW_TESTS = ('test_model_backward', 'test_model_forward_torchscript', 'test_model_forward_fx',
-              'test_model_backward_fx', 'test_model_forward_fx_torchscript')
+              'test_model_backward_fx', 'test_model_forward_fx_torchscript',
+              'test_prune_intermediate_layers_contract')  # 10-35 s per big model on 2 cores
 SMALL_PARAMS = 30e6
 
 
