@@ -158,13 +158,15 @@ def create_model(
             kwargs.setdefault('num_classes', file_classes)  # no num_classes: the file's own head
         # timm's loader applies the model's checkpoint filter, and drops the file's head when its size differs
         overlay = dict(state_dict=state_dict, num_classes=file_classes or kwargs.get('num_classes', cfg.num_classes))
-    source = f'checkpoint {checkpoint}' if checkpoint is not None else f'the pretrained weights of {name}'
+    loads_weights = pretrained or overlay is not None
     try:
-        model = timm.create_model(name, pretrained=pretrained or overlay is not None,
-                                  pretrained_cfg_overlay=overlay, **kwargs)
-    except (RuntimeError, ValueError, KeyError, OSError) as error:  # unfitting keys or shapes, failed download
-        message = str(error).strip().replace('\n', ' ')
-        raise UserError(f'{source} does not fit {name}: {message[:600]}') from None
+        model = timm.create_model(name, pretrained=loads_weights, pretrained_cfg_overlay=overlay, **kwargs)
+    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        message = str(error).strip().replace('\n', ' ')[:600]
+        if not loads_weights:  # the constructor refused its arguments
+            raise UserError(f'cannot build {name}: {message}') from None
+        source = f'checkpoint {checkpoint}' if checkpoint is not None else f'the pretrained weights of {name}'
+        raise UserError(f'cannot load {source} into {name}: {message}') from None  # unfitting keys, no download
     for module in model.modules():  # the overlay's state dict must not live on in the model's config
         if isinstance(getattr(module, 'pretrained_cfg', None), dict):
             module.pretrained_cfg.pop('state_dict', None)

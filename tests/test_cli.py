@@ -115,7 +115,7 @@ def test_create_model_heads_safetensors_and_options(tmp_path):
     (dict(name=VIT, checkpoint='missing.pth'), 'checkpoint not found: missing.pth'),
     (dict(name=VIT, checkpoint='corrupt'), r'cannot read checkpoint .*corrupt\.pth: not a PyTorch checkpoint'),
     (dict(name=VIT, checkpoint='unsafe'), r'cannot read checkpoint .*unsafe\.pth: it holds objects that are unsafe'),
-    (dict(name=VIT, checkpoint='hybrid'), r'hybrid\.pth does not fit fan_tiny_12_p16_224: .*missing key'),
+    (dict(name=VIT, checkpoint='hybrid'), r'cannot load checkpoint .*hybrid\.pth into fan_tiny_12_p16_224: .*missing key'),
     (dict(name=VIT, checkpoint='hybrid', use_ema=True), 'has no EMA weights'),
 ])
 def test_create_model_errors_name_the_problem(kwargs, message, tmp_path):
