@@ -77,9 +77,10 @@ def classify(model: nn.Module, images: Sequence[Image.Image], top_k: int = 5, pr
     return probs.topk(min(top_k, probs.shape[-1]), dim=-1)
 
 
-def _predictions(names: Sequence[str], probs: torch.Tensor, indices: torch.Tensor,
+def _predictions(names: Sequence[str], probs: torch.Tensor, indices: torch.Tensor, num_classes: int,
                  labels: Optional[Sequence[int]] = None) -> List[dict]:
-    info = ImageNetInfo() if probs.shape[-1] == 1000 else None
+    """One dict per image: its top-k classes (ImageNet names for a 1000-class model) and its true label if known."""
+    info = ImageNetInfo() if num_classes == 1000 else None
     rows = []
     for i, name in enumerate(names):
         top = [{'class': c, 'label': info.index_to_description(c) if info else str(c), 'probability': p}
@@ -126,7 +127,7 @@ def demo_classify_photos(out_dir: Path) -> None:
     model, weights = _demo_model()
     probs, indices = classify(model, [p.image for p in photos])
     print(f'{DEMO_MODEL} with {weights} on {len(photos)} bundled photos:')
-    rows = _predictions([p.name for p in photos], probs, indices, [p.label for p in photos])
+    rows = _predictions([p.name for p in photos], probs, indices, model.num_classes, [p.label for p in photos])
     _print_predictions(rows)
     write_json(out_dir / 'predictions.json', {'model': DEMO_MODEL, 'weights': weights, 'predictions': rows})
 
@@ -149,7 +150,7 @@ def _predict(args: argparse.Namespace) -> int:
     rows = []
     for start in range(0, len(images), args.batch_size):
         probs, indices = classify(model, images[start:start + args.batch_size], args.top_k, args.precision)
-        rows += _predictions(names[start:start + args.batch_size], probs, indices,
+        rows += _predictions(names[start:start + args.batch_size], probs, indices, model.num_classes,
                              labels[start:start + args.batch_size] if labels else None)
     _print_predictions(rows)
     path = write_json(args.out / 'predictions.json', {'model': args.model, 'predictions': rows})

@@ -231,6 +231,10 @@ def test_predict_on_the_bundled_photos_matches_the_model(tmp_path, capsys):
     assert main(['predict', '--checkpoint', str(tmp_path / 'one_block.pth'), '--out', str(tmp_path),
                  '--device', 'cpu']) == 2  # the default FAN-T has 12 blocks: the file does not fit
     assert 'missing' in capsys.readouterr().err
+    assert main(['predict', '--top-k', '2', '--out', str(tmp_path), '--device', 'cpu']) == 0  # 1000 classes
+    imagenet = json.loads((tmp_path / 'predictions.json').read_text())['predictions']
+    assert imagenet[0]['image'] == 'chelsea' and imagenet[0]['true_label'] == 'tabby, tabby cat'
+    assert all(not row['top'][0]['label'].isdigit() for row in imagenet)
     # predictions written by the command equal a direct forward pass of the same weights
     model = timm.create_model(VIT, num_classes=10)
     torch.save(model.state_dict(), tmp_path / 'full.pth')
@@ -244,6 +248,7 @@ def test_predict_on_the_bundled_photos_matches_the_model(tmp_path, capsys):
         probs = model.eval()(torch.stack([transform(p.image) for p in photos])).softmax(-1)
     top = probs.topk(3)
     assert [row['image'] for row in written] == [p.name for p in photos]
+    assert all(row['true_label'] is None and row['top'][0]['label'] == str(row['top'][0]['class']) for row in written)
     for row, p, i in zip(written, top.values, top.indices):
         assert [entry['class'] for entry in row['top']] == i.tolist()
         assert [entry['probability'] for entry in row['top']] == pytest.approx(p.tolist(), abs=1e-5)
