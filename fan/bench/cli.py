@@ -4,7 +4,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
-from ..errors import UserError
+from ..errors import UserError, require_extra
 from ..options import PRECISIONS, add_out_option, resolve_device
 from .measure import MODES, BenchSettings
 from .runner import GMACS_NOTE, QUICK_MODELS, default_models, format_table, run_benchmark
@@ -40,8 +40,6 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 def print_report(rows: Sequence[Dict[str, Any]], settings: BenchSettings, out_dir: Path) -> None:
     """The results table, what the numbers are, and the files written (plots included)."""
-    from .plots import write_plots  # matplotlib: only when reporting
-
     columns = [c for c, _ in _TABLE if c != 'error' or any(r.get('error') for r in rows)]
     print(format_table(rows, columns, [h for c, h in _TABLE if c in columns]))
     print(f'\n{GMACS_NOTE}.')
@@ -49,7 +47,14 @@ def print_report(rows: Sequence[Dict[str, Any]], settings: BenchSettings, out_di
           f'{settings.warmup} warm-up step(s); a training step is forward + cross-entropy + backward + SGD step. '
           f'Peak memory: ' + ('CUDA allocator peak' if settings.device.startswith('cuda') else
                               'growth of the peak resident set of a fresh child process per model and mode') + '.')
-    plots = write_plots(rows, asdict(settings), out_dir)
+    try:
+        require_extra('matplotlib', 'plots')
+    except UserError as missing:  # the numbers are written either way; only the figures need the extra
+        print(f'no plots: {missing}')
+        plots = []
+    else:
+        from .plots import write_plots
+        plots = write_plots(rows, asdict(settings), out_dir)
     print(f'Results: {out_dir / "bench.csv"}, {out_dir / "bench.json"}' + ''.join(f', {p}' for p in plots))
 
 

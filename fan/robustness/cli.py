@@ -39,7 +39,8 @@ def _eval_c(args: argparse.Namespace) -> int:
     if _is_main_process():
         report = args.out / 'imagenet_c.md'
         print(report.read_text())
-        print(f'written: {args.out / "imagenet_c.json"}, {report}, {args.out / "imagenet_c.png"}')
+        heat_map = args.out / 'imagenet_c.png'
+        print(f'written: {args.out / "imagenet_c.json"}, {report}' + (f', {heat_map}' if heat_map.exists() else ''))
     return 0 if results['cells'] else 1
 
 
