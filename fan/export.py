@@ -23,6 +23,7 @@ from .factory import resolve_data_config
 from .io import write_json
 from .models.fan_swin import FanSwin
 from .options import add_model_options, add_out_option, model_from_args
+from .registry import family_of
 
 __all__ = ['FORMATS', 'TOLERANCE', 'takes_any_size', 'export_model']
 
@@ -130,9 +131,9 @@ def _model_args(model: nn.Module) -> Dict[str, Any]:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    extra = {}
-    if args.format in ('onnx', 'exported') and args.model.split('.')[0] in timm.list_models('fan_swin_*'):
-        extra['dynamic_img_size'] = True  # FAN-Swin: one graph for every image size
+    family = family_of(args.model)
+    # one graph for every image size where the family needs an option for it (FAN-Swin: dynamic_img_size)
+    extra = family.any_size_kwargs if family is not None and args.format in ('onnx', 'exported') else {}
     model = model_from_args(args, **extra)
     manifest = export_model(model, args.format, args.out, args.opset)
     errors = ', '.join(f'{tuple(c["input_shape"])}: {c["max_relative_error"]:.1e}' for c in manifest['checks'])

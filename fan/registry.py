@@ -3,8 +3,8 @@
 A new family is its model module (registering its models with timm) plus one :class:`Family` entry here.
 """
 import fnmatch
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 
@@ -18,6 +18,7 @@ class Family:
     patterns: Tuple[str, ...]  # the family's model names within that module (globs)
     token_outputs: bool  # forward_features returns (B, 1 + N, C) tokens, like timm's xcit_* (peer suite)
     description: str  # one line for listings and docs
+    any_size_kwargs: Dict[str, Any] = field(default_factory=dict)  # constructor arguments for inputs of any size
 
     def models(self) -> List[str]:
         """The family's registered models (untagged names), in timm's order."""
@@ -31,7 +32,8 @@ FAMILIES: Tuple[Family, ...] = (
     Family('FAN-Hybrid', 'fan', ('fan_*_hybrid',), True,
            'ConvNeXt stem (2 stages, stride 4 and 8), then FAN blocks at stride 16'),
     Family('FAN-Swin', 'fan_swin', ('fan_swin_*',), False,
-           'Swin Transformer (patch 4, window 7) with FAN channel attention in stages 1-3'),
+           'Swin Transformer (patch 4, window 7) with FAN channel attention in stages 1-3',
+           {'dynamic_img_size': True}),
 )
 
 
