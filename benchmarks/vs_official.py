@@ -1,8 +1,8 @@
 """Our FAN models against the official implementation, side by side on this machine.
 
 The official code (NVlabs/FAN, NVIDIA Source Code License-NC) is never copied into this project: this script only
-runs it from the checkout and Python environment it is given (its ``models/`` folder, with timm 0.5.4, as
-``../shared/tools/official-fan.md`` or your own set-up provides). Every measurement is a fresh process
+runs it from the checkout and Python environment it is given (its ``models/`` folder, with timm 0.5.4; docs/benchmarks.md
+says how to set one up). Every measurement is a fresh process
 (``rate_child.py``); the two implementations alternate, each round starting with the other one, so both see the same
 background load, and the medians over rounds are compared.
 
