@@ -13,7 +13,6 @@ whatever the stages hold; ``--table-only`` rebuilds them (adding fvcore GMACs wh
     benchmarks/gpu.sh --device cpu --quick --out /tmp/g  # a smoke test of the script on the CPU (eager only)
 """
 import argparse
-import csv
 import json
 import sys
 import time
@@ -25,6 +24,7 @@ import timm
 import fan  # noqa: F401  (registers the FAN models)
 from fan.bench.measure import BenchSettings
 from fan.bench.runner import describe_machine, format_table, run_benchmark
+from fan.io import write_atomic, write_csv
 
 DEFAULT_OUT = Path(__file__).resolve().parent / 'results' / 'gpu'
 PEERS = (
@@ -130,17 +130,13 @@ def build_table(out: Path, count_flops: bool) -> List[Dict[str, Any]]:
             except Exception as e:  # a count that fails leaves the cell empty
                 print(f'{name}: no GMACs ({e})')
         rows.append(row)
-    with (out / 'gpu.csv.tmp').open('w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=[c for c, _ in TABLE_COLUMNS])
-        writer.writeheader()
-        writer.writerows({c: row.get(c) for c, _ in TABLE_COLUMNS} for row in rows)
-    (out / 'gpu.csv.tmp').replace(out / 'gpu.csv')
+    write_csv(out / 'gpu.csv', rows, [c for c, _ in TABLE_COLUMNS])
 
     any_stage = next(iter(stages.values()))
     machine, settings = any_stage['__machine__'], any_stage['__settings__']
     columns = [c for c, _ in TABLE_COLUMNS if any(row.get(c) not in (None, '') for row in rows)]
     lines = [
-        f'# GPU benchmark: bf16 autocast, eager and torch.compile\n',
+        '# GPU benchmark: bf16 autocast, eager and torch.compile\n',
         f'`benchmarks/gpu.sh`, {machine["date"]}, {machine.get("gpu") or machine["cpu"]}, torch {machine["torch"]}, '
         f'timm {machine["timm"]}. Random weights, each model at its default input size; inference batch '
         f'{stages.get("eager_infer", {}).get("__settings__", settings)["batch_size"]}, training batch '
@@ -157,8 +153,7 @@ def build_table(out: Path, count_flops: bool) -> List[Dict[str, Any]]:
         for stage in ('eager_infer', 'compiled_infer', 'eager_train', 'compiled_train'):
             if fan_row.get(stage) and vit_row.get(stage):
                 lines.append(f'- {stage.replace("_", " ")}: {vit_row[stage] / fan_row[stage]:.2f}x')
-    (out / 'gpu.md.tmp').write_text('\n'.join(lines) + '\n')
-    (out / 'gpu.md.tmp').replace(out / 'gpu.md')
+    write_atomic(out / 'gpu.md', '\n'.join(lines) + '\n')
     print('\n'.join(lines))
     return rows
 
