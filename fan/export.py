@@ -21,7 +21,6 @@ import torch.nn as nn
 from .errors import UserError, require_extra
 from .factory import resolve_data_config
 from .io import write_json
-from .models.fan_swin import FanSwin
 from .options import add_model_options, add_out_option, model_from_args
 from .registry import family_of
 
@@ -34,8 +33,8 @@ DEFAULT_OPSET = 18
 
 def takes_any_size(model: nn.Module) -> bool:
     """Whether the model accepts images of any (stride-multiple) size, so that the export can keep H, W dynamic."""
-    if isinstance(model, FanSwin) or hasattr(model, 'dynamic_img_size'):
-        return bool(getattr(model, 'dynamic_img_size', False))
+    if hasattr(model, 'dynamic_img_size'):  # timm's Swin / ViT families, FAN-Swin included
+        return bool(model.dynamic_img_size)
     return not getattr(model, 'pretrained_cfg', {}).get('fixed_input_size', False)
 
 
@@ -125,7 +124,7 @@ def export_model(model: nn.Module, fmt: str, out_dir: Path, opset: int = DEFAULT
 def _model_args(model: nn.Module) -> Dict[str, Any]:
     """Constructor arguments the hub config must carry to rebuild this model (its head size, dynamic size)."""
     args: Dict[str, Any] = {'num_classes': model.num_classes}
-    if isinstance(model, FanSwin) and model.dynamic_img_size:
+    if getattr(model, 'dynamic_img_size', False):
         args['dynamic_img_size'] = True
     return args
 

@@ -19,13 +19,11 @@ import argparse
 import ast
 import csv
 import io
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import yaml
@@ -43,7 +41,8 @@ from .distributed import DistributedContext, distributed_context
 from .errors import MissingPathError, UserError
 from .factory import resolve_data_config
 from .io import save_torch, write_atomic
-from .options import add_data_option, add_model_options, add_out_option, add_run_options, autocast, model_from_args
+from .options import (add_data_option, add_model_options, add_out_option, add_run_options, autocast, model_from_args,
+                      seed_everything)
 
 __all__ = ['Recipe', 'RECIPES', 'PAPER_GLOBAL_BATCH', 'SUMMARY_COLUMNS', 'resolve_settings', 'train']
 
@@ -185,10 +184,7 @@ def _num_classes(dataset) -> int:
 
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Each epoch's randomness (augmentation, mixing, dropout, drop-path) comes from the seed and the epoch alone."""
-    value = seed + 1000 * epoch + rank
-    random.seed(value)
-    np.random.seed(value % 2 ** 32)
-    torch.manual_seed(value)
+    seed_everything(seed + 1000 * epoch + rank)
 
 
 # ----------------------------------------------------------------------------------------------- the loop

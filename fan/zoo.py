@@ -46,8 +46,9 @@ def zoo(pattern: str = '*') -> List[ZooEntry]:
     """Every registered FAN model whose name matches ``pattern``, family by family."""
     entries = []
     for family in FAMILIES:
+        members = set(family.models())
         for name in timm.list_models(pattern, module=family.module):
-            if name not in family.models():
+            if name not in members:
                 continue
             weights = tuple(n.split('.', 1)[1] for n in timm.list_pretrained(f'{name}.*'))
             licenses = {timm.get_pretrained_cfg(f'{name}.{tag}').license for tag in weights}
