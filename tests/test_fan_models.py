@@ -2,13 +2,15 @@
 import argparse
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 
-import fan  # noqa: F401
+import fan
+import fan.layers
 from fan.models.fan import LegacyLayerNorm, LegacyLayerNorm2d
 from fan.zoo import count_params
 
@@ -76,6 +78,54 @@ def test_conformance_with_official_outputs(tmp_path, name):
         assert ours.shape == ref.shape
         assert ((ours - ref).abs().max() / ref.abs().max()).item() < 1e-4
     assert sum(p.numel() for p in model.parameters()) == data['params']
+
+
+@pytest.mark.parametrize('name', GOLDEN)
+def test_cpu_inference_in_batch_chunks_gives_the_whole_batch_outputs(name, monkeypatch):
+    """Without autograd in eval mode the CPU forward splits big batches (fan.layers.inference_batch_chunks); the
+    outputs must be those of the whole batch (with autograd, so unsplit) for every image."""
+    monkeypatch.setattr(fan.layers, 'INFERENCE_CHUNK_BYTES', 2 ** 20)  # chunks at this test's small size
+    model = fan.create_model(name, num_classes=10, img_size=96).eval()
+    calls = []
+    model.patch_embed.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    x = torch.randn(7, 3, 96, 96)
+    with torch.no_grad():
+        chunked = model(x)
+    assert len(calls) > 1 and sum(calls) == 7
+    calls.clear()
+    whole = model(x)
+    assert calls == [7]
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+
+
+def _official_name(name: str) -> str:
+    """Our parameter name -> the official one: FAN-Swin's patch merging sits at the end of the previous stage
+    there (timm 0.5.4 layout) and its head is ``head``, not ``head.fc``."""
+    name = re.sub(r'^layers\.(\d+)\.downsample', lambda m: f'layers.{int(m.group(1)) - 1}.downsample', name)
+    return re.sub(r'^head\.fc\.', 'head.', name)
+
+
+@pytest.mark.parametrize('name', GOLDEN)
+def test_training_mode_matches_official_outputs_and_gradients(tmp_path, name):
+    """Training mode (batch-statistics BatchNorm, recomputing mixers) against the official implementation: logits,
+    the input gradient and every parameter gradient of sum(logits * R) (see conformance/make_train_golden.py)."""
+    data, ref = golden(name), json.loads((CONFORMANCE / 'train' / f'{name}.json').read_text())
+    path = released_file(tmp_path, recipe.official_state_dict(data['keys']), name)
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), drop_path_rate=0.)
+    model.train()
+    x = recipe.golden_input(data['input']['shape'], data['input']['seed']).requires_grad_()
+    logits = model(x)
+    (logits * recipe.golden_input(logits.shape, seed=1)).sum().backward()
+    expected = torch.tensor(ref['logits'])
+    assert ((logits - expected).abs().max() / expected.abs().max()).item() < 1e-4
+    projections = torch.tensor([(x.grad * recipe.golden_input(x.shape, seed=100 + i)).sum().item() for i in range(8)])
+    expected = torch.tensor(ref['input_grad_projections'])
+    assert ((projections - expected).abs().max() / expected.abs().max()).item() < 1e-4
+    ours = {_official_name(k): p.grad.norm().item() for k, p in model.named_parameters()}
+    assert set(ours) == set(ref['grad_norms'])
+    largest = max(ref['grad_norms'].values())
+    for key, norm in ref['grad_norms'].items():  # biases under a softmax have zero gradients up to rounding
+        assert ours[key] == pytest.approx(norm, rel=1e-3, abs=1e-6 * largest), key
 
 
 @pytest.mark.parametrize('wrap', ['ema', 'ddp', 'bare'])

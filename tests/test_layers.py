@@ -109,11 +109,66 @@ def tokens():
     return torch.randn(2, H * W, C)
 
 
-def test_depthwise_conv_mixer(tokens):
+@pytest.mark.parametrize('autograd', [True, False], ids=['reference', 'in-place inference'])
+def test_depthwise_conv_mixer(tokens, autograd):
     mixer = randomize(DepthwiseConvMixer(C))
-    out = mixer(tokens, H, W)
+    with torch.set_grad_enabled(autograd):
+        out = mixer(tokens, H, W)
     for b in range(2):
         torch.testing.assert_close(out[b], naive_mixer(tokens[b], mixer, H, W), atol=ATOL, rtol=ATOL)
+
+
+def autograd_nodes(root) -> set:
+    """Type names of every node in the autograd graph behind ``root``."""
+    names, seen, stack = set(), set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is not None and id(node) not in seen:
+            seen.add(id(node))
+            names.add(type(node).__name__)
+            stack.extend(child for child, _ in node.next_functions)
+    return names
+
+
+def naive_mixer_train(tokens, mixer, H, W, scale):
+    """Training mode on a batch (B, N, C): BatchNorm on the batch's mean and biased variance per channel."""
+    img = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, H, W)
+    y = torch.stack([gelu(depthwise3x3(i, mixer.conv1)) for i in img])
+    mean = y.mean((0, 2, 3), keepdim=True)
+    var = ((y - mean) ** 2).mean((0, 2, 3), keepdim=True)
+    bn = mixer.bn
+    y = (y - mean) / torch.sqrt(var + bn.eps) * bn.weight[:, None, None] + bn.bias[:, None, None]
+    out = torch.stack([depthwise3x3(i, mixer.conv2) for i in y]) * scale[:, None, None]
+    return out.flatten(2).transpose(1, 2), mean.flatten(), var.flatten() * y[:, 0].numel() / (y[:, 0].numel() - 1)
+
+
+def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(tokens):
+    """Training keeps only the GELU input and recomputes GELU and norm in the backward pass: outputs, every
+    gradient and the running statistics (updated once) must equal plain autograd on the formula."""
+    mixer = randomize(DepthwiseConvMixer(C)).train()
+    scale = torch.randn(C, requires_grad=True)
+    running_mean, running_var = mixer.bn.running_mean.clone(), mixer.bn.running_var.clone()
+    x = tokens.clone().requires_grad_()
+    out = mixer(x, H, W, scale=scale)
+    assert 'GeluBatchNormConvBackward' in autograd_nodes(out.grad_fn)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    params = [mixer.conv1.weight, mixer.conv1.bias, mixer.bn.weight, mixer.bn.bias, mixer.conv2.weight,
+              mixer.conv2.bias]
+    ours = [x.grad, scale.grad] + [p.grad for p in params]
+
+    x_ref, scale_ref = tokens.clone().requires_grad_(), scale.detach().clone().requires_grad_()
+    for p in params:
+        p.grad = None
+    expected, batch_mean, batch_var = naive_mixer_train(x_ref, mixer, H, W, scale_ref)
+    expected.backward(grad_out)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
+    for got, want in zip(ours, [x_ref.grad, scale_ref.grad] + [p.grad for p in params]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    momentum = mixer.bn.momentum
+    torch.testing.assert_close(mixer.bn.running_mean, (1 - momentum) * running_mean + momentum * batch_mean.detach())
+    torch.testing.assert_close(mixer.bn.running_var, (1 - momentum) * running_var + momentum * batch_var.detach())
+    assert mixer.bn.num_batches_tracked.item() == 1
 
 
 @pytest.mark.parametrize('residual', [True, False])

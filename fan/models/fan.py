@@ -25,7 +25,8 @@ from timm.models.convnext import ConvNeXtStage
 from timm.models.xcit import ClassAttentionBlock, ConvPatchEmbed, PositionalEncodingFourier
 from timm.models.xcit import checkpoint_filter_fn as xcit_checkpoint_filter_fn
 
-from ..layers import ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, map_to_tokens, tokens_to_map
+from ..layers import (
+    ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, inference_batch_chunks, map_to_tokens, tokens_to_map)
 from ._checkpoint import unwrap_checkpoint, check_keys
 
 __all__ = ['Fan', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add each entrypoint fn to this
@@ -247,6 +248,11 @@ class Fan(nn.Module):
             stem_info = []
         self.pos_embed = PositionalEncodingFourier(dim=dims[0], **dd) if use_pos_embed else None
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
+        # values per input pixel of the largest activation (sets the batch chunks of CPU inference): the MLP of the
+        # first ConvNeXt stage (4x its channels at stride 4) or the conv stem's first map (dim / 8 at stride 2), and
+        # the MLP hidden maps of the FAN blocks
+        stem_activation = 4 * stem_info[0]['num_chs'] / 4 ** 2 if stem_info else dims[0] // 8 / 2 ** 2
+        self.activation_per_pixel = max(stem_activation, mlp_ratio * dims[0] / self.patch_size ** 2)
 
         blocks = []
         self.feature_info = list(stem_info)
@@ -395,6 +401,13 @@ class Fan(nn.Module):
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            chunks = inference_batch_chunks(x, self.activation_per_pixel, self.training)
+            if chunks > 1:
+                return torch.cat([self._features(images) for images in x.tensor_split(chunks)])
+        return self._features(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         x, H, W = self._embed(x)
         x, H, W = self._run_blocks(x, H, W)
         if self.cls_token is not None:

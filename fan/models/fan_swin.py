@@ -22,7 +22,7 @@ from timm.models.swin_transformer import (
     checkpoint_filter_fn as swin_checkpoint_filter_fn,
 )
 
-from ..layers import ChannelAttention
+from ..layers import ChannelAttention, inference_batch_chunks
 from ._checkpoint import check_keys, unwrap_checkpoint
 
 __all__ = ['FanSwin', 'FanSwinBlock']  # model_registry will add each entrypoint fn to this
@@ -158,6 +158,19 @@ class FanSwin(SwinTransformer):
                 )
                 for j in range(depth)])
         self.init_weights(mode='', needs_reset=False)
+        # values per input pixel of the largest activation, the first stage's MLP hidden map (batch chunks of CPU
+        # inference)
+        self.activation_per_pixel = mlp_ratio * embed_dim / 4 ** 2
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            chunks = inference_batch_chunks(x, self.activation_per_pixel, self.training)
+            if chunks > 1:
+                return torch.cat([self._features(images) for images in x.tensor_split(chunks)])
+        return self._features(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.layers(self.patch_embed(x)))
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: FanSwin) -> Dict[str, torch.Tensor]:
