@@ -11,7 +11,8 @@ background load, and the medians over rounds are compared.
 
 Writes ``benchmarks/results/vs_official/``: ``runs.json`` (every process's result, the conditions, the machine),
 ``vs_official.csv`` (medians and ratios per model, with the targets met or missed) and ``bf16.csv`` (``--bf16``:
-our bf16-autocast inference against our fp32, eager and with ``--compile`` compiled).
+our bf16-autocast inference against our fp32, eager and with ``--compile`` compiled, beside the ratio of the
+machine's bf16 and fp32 matrix-multiply rates).
 """
 import argparse
 import json
@@ -42,6 +43,11 @@ def run_child(python: str, impl: str, model: str, args: argparse.Namespace, env:
     if result.returncode:
         raise RuntimeError(f'{impl} {model} failed:\n{result.stderr[-2000:]}')
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _git_commit() -> str:
+    result = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=HERE, capture_output=True, text=True)
+    return result.stdout.strip() or 'unknown'
 
 
 def _median(runs: List[Dict[str, Any]], key: str) -> float:
@@ -96,6 +102,8 @@ def summarize_bf16(runs: List[Dict[str, Any]], models: List[str]) -> List[Dict[s
             row['bf16_target_met'] = row['bf16_speedup'] >= BF16_TARGET
         if 'bf16_compiled_infer_img_s' in row and 'fp32_infer_img_s' in row:
             row['bf16_compiled_speedup'] = row['bf16_compiled_infer_img_s'] / row['fp32_infer_img_s']
+        if ours:  # the machine's own limit: how fast its bf16 matrix products are against its fp32 ones
+            row['matmul_bf16_over_fp32'] = _median(ours, 'matmul_bf16_gmacs') / _median(ours, 'matmul_fp32_gmacs')
         rows.append(row)
     return rows
 
@@ -112,7 +120,8 @@ def main() -> int:
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--seconds', type=float, default=4.0, help='timed seconds per mode (training: 1.5x)')
     parser.add_argument('--bf16', action='store_true', help='also our bf16-autocast inference (bf16.csv)')
-    parser.add_argument('--compile', action='store_true', help='with --bf16: also torch.compile (slow to compile)')
+    parser.add_argument('--compile', action='store_true',
+                        help='with --bf16: also torch.compile, fp32 and bf16, in the first round (slow to compile)')
     parser.add_argument('--timeout', type=float, default=1800, help='seconds per process')
     parser.add_argument('--out', type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
@@ -124,7 +133,8 @@ def main() -> int:
     runs: List[Dict[str, Any]] = []
     conditions = {'batch': args.batch, 'threads': args.threads, 'seconds': args.seconds, 'rounds': args.rounds,
                   'input': '224x224 random, random weights', 'precision': 'fp32 (bf16.csv: bf16 autocast)',
-                  'train_step': 'SGD momentum 0.9, cross-entropy, random labels'}
+                  'train_step': 'SGD momentum 0.9, cross-entropy, random labels',
+                  'ours_commit': _git_commit(), 'compiled': 'first round only' if args.compile else 'no'}
 
     def save() -> None:
         write_json(args.out / 'runs.json', {'conditions': conditions, 'machine': machine, 'runs': runs})
@@ -140,8 +150,8 @@ def main() -> int:
                       flush=True)
                 save()
             if args.bf16:
-                for extra in (['--precision', 'bf16'],) + ((['--compile'], ['--precision', 'bf16', '--compile'])
-                                                           if args.compile else ()):
+                compiled = (['--compile'], ['--precision', 'bf16', '--compile'])
+                for extra in (['--precision', 'bf16'],) + (compiled if args.compile and round_index == 0 else ()):
                     runs.append(dict(run_child(args.python, 'ours', model, args, env, extra + ['--no-train']),
                                      round=round_index))
                     print(f'round {round_index + 1}: ours {" ".join(extra)} {model} infer '
