@@ -74,8 +74,8 @@ def inference_batch_chunks(x: torch.Tensor, activation_per_pixel: float, trainin
     memory to page in, and none stays in cache from one operation to the next. In eval mode without autograd the
     images are independent, so the models split the batch into chunks (``x.tensor_split(n)``) whose largest
     activation (``activation_per_pixel`` values per input pixel) stays within ``INFERENCE_CHUNK_BYTES``; the outputs
-    are the same. At batch 16 on 2 cores this measured 1.1-1.25x faster for FAN-Hybrid and FAN-Swin; FAN-ViT's activations
-    are small enough to run whole.
+    are the same. At batch 16 on 2 cores this measured 1.1-1.25x faster for FAN-Hybrid and FAN-Swin; FAN-ViT's
+    activations are small enough to run whole.
     """
     if not _plain_eager(x) or training or torch.is_grad_enabled() or x.device.type != 'cpu' or x.ndim != 4:
         return 1
@@ -187,12 +187,10 @@ class GeluBatchNormConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, bn_weight, bn_bias, w2, b2, mixer: 'DepthwiseConvMixer') -> torch.Tensor:
-        bn, act = mixer.bn, mixer.act
-        momentum = 0. if bn.momentum is None else bn.momentum
+        bn = mixer.bn
         bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average
-            momentum = 1. / float(bn.num_batches_tracked)
-        a = F.gelu(y, approximate=act.approximate)
+        momentum = 1. / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum  # None: plain average
+        a = F.gelu(y, approximate=mixer.act.approximate)
         normed, mean, invstd = torch.ops.aten.native_batch_norm(
             a, bn_weight, bn_bias, bn.running_mean, bn.running_var, True, momentum, bn.eps)
         ctx.mixer = mixer
