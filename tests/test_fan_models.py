@@ -82,7 +82,7 @@ def test_conformance_with_official_outputs(tmp_path, name):
 
 @pytest.mark.parametrize('name', GOLDEN)
 def test_cpu_inference_in_batch_chunks_gives_the_whole_batch_outputs(name, monkeypatch):
-    """Without autograd in eval mode the CPU forward splits big batches (fan.layers.inference_batch_chunks); the
+    """Without autograd in eval mode the CPU forward splits big batches (fan.layers.run_in_batch_chunks); the
     outputs must be those of the whole batch (with autograd, so unsplit) for every image."""
     monkeypatch.setattr(fan.layers, 'INFERENCE_CHUNK_BYTES', 2 ** 20)  # chunks at this test's small size
     model = fan.create_model(name, num_classes=10, img_size=96).eval()

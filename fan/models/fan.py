@@ -26,7 +26,7 @@ from timm.models.xcit import ClassAttentionBlock, ConvPatchEmbed, PositionalEnco
 from timm.models.xcit import checkpoint_filter_fn as xcit_checkpoint_filter_fn
 
 from ..layers import (
-    ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, inference_batch_chunks, map_to_tokens, tokens_to_map)
+    ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, run_in_batch_chunks, map_to_tokens, tokens_to_map)
 from ._checkpoint import unwrap_checkpoint, check_keys
 
 __all__ = ['Fan', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add each entrypoint fn to this
@@ -401,10 +401,8 @@ class Fan(nn.Module):
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            chunks = inference_batch_chunks(x, self.activation_per_pixel, self.training)
-            if chunks > 1:
-                return torch.cat([self._features(images) for images in x.tensor_split(chunks)])
+        if not torch.jit.is_scripting():  # CPU inference runs big batches in chunks of images
+            return run_in_batch_chunks(self._features, x, self.activation_per_pixel, self.training)
         return self._features(x)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:

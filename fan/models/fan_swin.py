@@ -22,7 +22,7 @@ from timm.models.swin_transformer import (
     checkpoint_filter_fn as swin_checkpoint_filter_fn,
 )
 
-from ..layers import ChannelAttention, inference_batch_chunks
+from ..layers import ChannelAttention, run_in_batch_chunks
 from ._checkpoint import check_keys, unwrap_checkpoint
 
 __all__ = ['FanSwin', 'FanSwinBlock']  # model_registry will add each entrypoint fn to this
@@ -180,10 +180,8 @@ class FanSwin(SwinTransformer):
         return self
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            chunks = inference_batch_chunks(x, self.activation_per_pixel, self.training)
-            if chunks > 1:
-                return torch.cat([self._features(images) for images in x.tensor_split(chunks)])
+        if not torch.jit.is_scripting():  # CPU inference runs big batches in chunks of images
+            return run_in_batch_chunks(self._features, x, self.activation_per_pixel, self.training)
         return self._features(x)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
