@@ -150,7 +150,7 @@ class DepthwiseConvMixer(nn.Module):
     def _path(self, x: torch.Tensor) -> str:
         if not _plain_eager(x):
             return 'reference'
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.conv1.weight.requires_grad)
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if not grad and not self.bn.training:
             return 'inference'
         if (grad and self.bn.training and self.bn.track_running_stats and isinstance(self.act, nn.GELU)
@@ -188,10 +188,13 @@ class DepthwiseConvMixer(nn.Module):
 
 
 class GeluBatchNormConv(torch.autograd.Function):
-    """GELU -> BatchNorm on batch statistics -> depthwise conv of the mixer, in training, keeping only the GELU input
-    and the batch statistics for the backward pass, which recomputes the GELU and norm outputs (two elementwise
-    passes). Saves two hidden-width maps per block. Same values and gradients as autograd on the reference ops;
-    the running statistics are updated once, as ``nn.BatchNorm2d`` does."""
+    """GELU -> BatchNorm on batch statistics -> depthwise conv of the mixer, in training, with the fewest new
+    hidden-width maps: the forward pass keeps only the GELU input and the batch statistics and normalises the GELU
+    output in place; the backward pass recomputes the GELU output, turns conv2's input gradient into the GELU input
+    gradient in place, and rebuilds the norm output in place for conv2's weight gradient. Two new maps per pass
+    instead of three and five: on the CPU a new map above glibc's mmap threshold (32 MiB) is fresh memory to page in,
+    which costs more than the arithmetic on it. Same values and gradients as autograd on the reference ops; the
+    running statistics are updated once, as ``nn.BatchNorm2d`` does."""
 
     @staticmethod
     def forward(ctx, y, bn_weight, bn_bias, w2, b2, mixer: 'DepthwiseConvMixer') -> torch.Tensor:
@@ -199,8 +202,10 @@ class GeluBatchNormConv(torch.autograd.Function):
         bn.num_batches_tracked.add_(1)
         momentum = 1. / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum  # None: plain average
         a = F.gelu(y, approximate=mixer.act.approximate)
-        normed, mean, invstd = torch.ops.aten.native_batch_norm(
-            a, bn_weight, bn_bias, bn.running_mean, bn.running_var, True, momentum, bn.eps)
+        # in place: training BatchNorm reads all of its input for the statistics before it writes any output
+        normed, mean, invstd = torch.ops.aten.native_batch_norm.out(
+            a, bn_weight, bn_bias, bn.running_mean, bn.running_var, True, momentum, bn.eps,
+            out=a, save_mean=y.new_empty(0), save_invstd=y.new_empty(0))
         ctx.mixer = mixer
         ctx.save_for_backward(y, bn_weight, bn_bias, w2, mean, invstd)
         return F.conv2d(normed, w2, b2, padding=mixer.padding, groups=y.shape[1])
@@ -211,19 +216,38 @@ class GeluBatchNormConv(torch.autograd.Function):
         mixer = ctx.mixer
         C = y.shape[1]
         need_y, need_bn_weight, need_bn_bias, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        need_bn_weight, need_bn_bias = need_bn_weight and bn_weight is not None, need_bn_bias and bn_bias is not None
         approximate = mixer.act.approximate
+        conv = ([C], [1, 1], [mixer.padding] * 2, [1, 1], False, [0, 0], C)  # depthwise conv2's geometry
+
+        def per_channel(v: torch.Tensor) -> torch.Tensor:
+            return v[:, None, None]
+
         a = F.gelu(y, approximate=approximate)
-        scale = invstd if bn_weight is None else invstd * bn_weight
-        shift = -mean * scale if bn_bias is None else bn_bias - mean * scale
-        normed = torch.addcmul(shift[:, None, None], a, scale[:, None, None])
-        grad_normed, grad_w2, grad_b2 = torch.ops.aten.convolution_backward(
-            grad_out, normed, w2, [C], [1, 1], [mixer.padding] * 2, [1, 1], False, [0, 0], C,
-            [True, need_w2, need_b2])
-        del normed
-        grad_a, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_normed, a, bn_weight, None, None, mean, invstd, True, mixer.bn.eps,
-            [need_y, need_bn_weight and bn_weight is not None, need_bn_bias and bn_bias is not None])
-        grad_y = torch.ops.aten.gelu_backward(grad_a, y, approximate=approximate) if need_y else None
+        need_grad_normed = need_y or need_bn_weight or need_bn_bias
+        grad_normed, _, grad_b2 = torch.ops.aten.convolution_backward(
+            grad_out, a, w2, *conv, [need_grad_normed, False, need_b2])  # the input gradient does not read a
+        grad_y = grad_bn_weight = grad_bn_bias = None
+        if need_grad_normed:
+            # per channel: sum of g * xhat (the norm weight's gradient) and of g (the bias'), xhat = (a - mean) * invstd
+            _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+                grad_normed, a, bn_weight, None, None, mean, invstd, True, mixer.bn.eps, [False, True, True])
+            grad_bn_weight = sum_g_xhat if need_bn_weight else None
+            grad_bn_bias = sum_g if need_bn_bias else None
+            if need_y:
+                # grad_a = k * (g - mean(g) - xhat * mean(g * xhat)), k = invstd * bn_weight, in grad_normed's memory
+                n = y.numel() // C
+                k = invstd if bn_weight is None else invstd * bn_weight
+                grad_a = grad_normed.mul_(per_channel(k))
+                grad_a.addcmul_(a, per_channel(-k * invstd * sum_g_xhat / n))
+                grad_a.add_(per_channel(k * (invstd * mean * sum_g_xhat - sum_g) / n))
+                grad_y = torch.ops.aten.gelu_backward.grad_input(grad_a, y, approximate=approximate, grad_input=grad_a)
+        grad_w2 = None
+        if need_w2:  # conv2's weight gradient reads its input, the norm output: rebuilt from a in place
+            scale = invstd if bn_weight is None else invstd * bn_weight
+            shift = -mean * scale if bn_bias is None else bn_bias - mean * scale
+            normed = torch.addcmul(per_channel(shift), a, per_channel(scale), out=a)
+            grad_w2 = torch.ops.aten.convolution_backward(grad_out, normed, w2, *conv, [False, True, False])[1]
         return grad_y, grad_bn_weight, grad_bn_bias, grad_w2, grad_b2, None
 
 

@@ -142,13 +142,20 @@ def naive_mixer_train(tokens, mixer, H, W, scale):
     return out.flatten(2).transpose(1, 2), mean.flatten(), var.flatten() * y[:, 0].numel() / (y[:, 0].numel() - 1)
 
 
-def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(tokens):
-    """Training keeps only the GELU input and recomputes GELU and norm in the backward pass: outputs, every
-    gradient and the running statistics (updated once) must equal plain autograd on the formula."""
+@pytest.mark.parametrize('frozen', [(), ('bn.weight', 'bn.bias', 'conv2.weight'), ('input', 'conv1.weight', 'conv1.bias')],
+                         ids=['all-trained', 'frozen-norm-and-conv2', 'frozen-input-side'])
+@pytest.mark.parametrize('momentum', [0.1, None])
+def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(tokens, frozen, momentum):
+    """Training keeps only the GELU input and recomputes GELU and norm in the backward pass, reusing its maps in
+    place: outputs, every gradient asked for and the running statistics (updated once; momentum None is the plain
+    average) must equal plain autograd on the formula, also when only some inputs need gradients."""
     mixer = randomize(DepthwiseConvMixer(C)).train()
+    mixer.bn.momentum = momentum
+    for name, p in mixer.named_parameters():
+        p.requires_grad_(name not in frozen)
     scale = torch.randn(C, requires_grad=True)
     running_mean, running_var = mixer.bn.running_mean.clone(), mixer.bn.running_var.clone()
-    x = tokens.clone().requires_grad_()
+    x = tokens.clone().requires_grad_('input' not in frozen)
     out = mixer(x, H, W, scale=scale)
     assert 'GeluBatchNormConvBackward' in autograd_nodes(out.grad_fn)
     grad_out = torch.randn_like(out)
@@ -157,17 +164,20 @@ def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(
               mixer.conv2.bias]
     ours = [x.grad, scale.grad] + [p.grad for p in params]
 
-    x_ref, scale_ref = tokens.clone().requires_grad_(), scale.detach().clone().requires_grad_()
+    x_ref = tokens.clone().requires_grad_('input' not in frozen)
+    scale_ref = scale.detach().clone().requires_grad_()
     for p in params:
         p.grad = None
     expected, batch_mean, batch_var = naive_mixer_train(x_ref, mixer, H, W, scale_ref)
     expected.backward(grad_out)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
     for got, want in zip(ours, [x_ref.grad, scale_ref.grad] + [p.grad for p in params]):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    momentum = mixer.bn.momentum
-    torch.testing.assert_close(mixer.bn.running_mean, (1 - momentum) * running_mean + momentum * batch_mean.detach())
-    torch.testing.assert_close(mixer.bn.running_var, (1 - momentum) * running_var + momentum * batch_var.detach())
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    factor = 1. if momentum is None else momentum  # the first batch: the plain average is the batch's statistics
+    torch.testing.assert_close(mixer.bn.running_mean, (1 - factor) * running_mean + factor * batch_mean.detach())
+    torch.testing.assert_close(mixer.bn.running_var, (1 - factor) * running_var + factor * batch_var.detach())
     assert mixer.bn.num_batches_tracked.item() == 1
 
 
