@@ -19,34 +19,56 @@ from timm.layers import DropPath, LayerNorm, Mlp, trunc_normal_, use_fused_attn
 from timm.layers.activations import GELU as TimmGELU
 
 __all__ = [
-    'Linear', 'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'ChannelAttention', 'SeMlp', 'FanBlock',
+    'Linear', 'OneDnnLinear', 'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'ChannelAttention', 'SeMlp', 'FanBlock',
     'OverlapPatchEmbed', 'tokens_to_map', 'map_to_tokens', 'run_in_batch_chunks', 'TokenChunkedMlp',
 ]
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` with an inference fast path on the CPU: oneDNN's linear, which adds the bias in the matrix
-    product's epilogue. ``F.linear`` there first copies the broadcast bias into the output (an extra, slow pass over
-    it), and the FAN layers' products are memory-bound enough for that to show (the fast path measured 1.3-1.8x
-    faster on 3136 x 192 x 768 products, 2 cores). Training, scripting, tracing, ``torch.compile`` and export
-    take ``F.linear``; the outputs agree to float32 rounding.
+    """``nn.Linear`` with a fast path on the CPU: oneDNN's linear, which adds the bias in the matrix product's
+    epilogue. ``F.linear`` there first copies the broadcast bias into the output (an extra, slow pass over it), and the
+    FAN layers' products are memory-bound enough for that to show (the fast path measured 1.3-1.8x faster on
+    3136 x 192 x 768 products in inference, 2 cores; the copies were 3 % of a FAN-T-ViT training step). With autograd
+    the forward product goes through ``OneDnnLinear``. Scripting, tracing, ``torch.compile``, export, autocast and
+    layers without bias take ``F.linear``; the outputs agree to float32 rounding.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting() or not self._fast_path(x):
             return F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
+            return OneDnnLinear.apply(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'none', [], '')
 
     @torch.jit.ignore
     def _fast_path(self, x: torch.Tensor) -> bool:
         return (
             _MKLDNN_LINEAR
+            and self.bias is not None
             and _plain_eager(x)
             and x.device.type == 'cpu'
             and x.dtype == self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled('cpu')  # autocast's bf16 products go through F.linear
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         )
+
+
+class OneDnnLinear(torch.autograd.Function):
+    """x @ weight.T + bias with oneDNN's linear in the forward pass and the usual products in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'none', [], '')
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = (grad_out @ weight).view(x.shape) if need_x else None
+        grad_weight = grad_out.t() @ x.reshape(-1, x.shape[-1]) if need_weight else None
+        grad_bias = grad_out.sum(0) if need_bias else None
+        return grad_x, grad_weight, grad_bias
 
 
 def _plain_eager(x: torch.Tensor) -> bool:
@@ -220,9 +242,18 @@ class DepthwiseConvMixer(nn.Module):
         self.bn = nn.BatchNorm2d(dim, **dd)
         self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim, **dd)
 
-    def forward(self, x: torch.Tensor, H: int, W: int, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+            self,
+            x: torch.Tensor,
+            H: int,
+            W: int,
+            scale: Optional[torch.Tensor] = None,
+            residual: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Tokens (B, N, C) -> (B, N, C); ``scale`` (C,) multiplies the output channels, folded into conv2's weights
-        so that training does not keep the unscaled output for the gradient of ``scale``.
+        so that training does not keep the unscaled output for the gradient of ``scale``; ``residual`` (B, N, C) is
+        added to the output, in place on conv2's output map (whose gradient needs neither), not on the token view of
+        it, which autograd would have to rebuild in the backward pass (copying the whole gradient twice).
 
         Two eager-mode paths give the same values as the reference computation with less memory: without autograd,
         GELU and the BatchNorm run in place; in training, the GELU and norm outputs are recomputed in the backward
@@ -239,6 +270,8 @@ class DepthwiseConvMixer(nn.Module):
             x = self._recompute(x, w2, b2)
         else:
             x = self._reference(x, w2, b2)
+        if residual is not None:
+            x = x.add_(tokens_to_map(residual, H, W))
         return map_to_tokens(x)
 
     @torch.jit.ignore
@@ -375,9 +408,12 @@ class DwConvMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         x = self.fc1(x)
-        mixed = self.drop(self.dwconv(x, H, W, scale=self.gamma))  # gamma * mixer(x), a new tensor
-        if self.residual:
-            mixed = mixed.add_(x)  # in place: the backward pass of neither conv nor dropout needs this output
+        if self.residual and not (self.training and self.drop.p > 0):
+            mixed = self.dwconv(x, H, W, scale=self.gamma, residual=x)  # x + gamma * mixer(x), added in place
+        else:
+            mixed = self.drop(self.dwconv(x, H, W, scale=self.gamma))
+            if self.residual:
+                mixed = mixed + x
         return self.drop(self.fc2(mixed))
 
 

@@ -9,7 +9,8 @@ from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 
 import fan.layers
 from fan.layers import (
-    ChannelAttention, DepthwiseConvMixer, DwConvMlp, FanBlock, OverlapPatchEmbed, SeMlp, TokenChunkedMlp, TokenMixing)
+    ChannelAttention, DepthwiseConvMixer, DwConvMlp, FanBlock, Linear, OverlapPatchEmbed, SeMlp, TokenChunkedMlp,
+    TokenMixing)
 from fan.models.fan import LegacyLayerNorm, LegacyLayerNorm2d
 
 torch.manual_seed(0)
@@ -101,6 +102,33 @@ def naive_attention(tokens, attn):
         weights = weights / weights.sum(1, keepdim=True)
         out[:, cols] = weights @ v[:, cols]
     return linear(out, attn.proj)
+
+
+@pytest.mark.parametrize('frozen', [(), ('weight',), ('input',)], ids=['all-trained', 'frozen-weight', 'frozen-input'])
+def test_linear_fast_paths_match_the_formula(frozen):
+    """fan's Linear (oneDNN's product with the bias in its epilogue on the CPU): inference values, and in training
+    the values and every gradient asked for, against x @ W.T + b."""
+    layer = randomize(Linear(16, 24))
+    tokens = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(tokens), linear(tokens, layer), atol=ATOL, rtol=ATOL)
+    layer.weight.requires_grad_('weight' not in frozen)
+    x = tokens.clone().requires_grad_('input' not in frozen)
+    out = layer(x)
+    if fan.layers._MKLDNN_LINEAR:
+        assert 'OneDnnLinearBackward' in autograd_nodes(out.grad_fn)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ours = [x.grad, layer.weight.grad, layer.bias.grad]
+    layer.weight.grad = layer.bias.grad = None
+    x_ref = tokens.clone().requires_grad_('input' not in frozen)
+    expected = linear(x_ref, layer)
+    expected.backward(grad_out)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
+    for got, want in zip(ours, [x_ref.grad, layer.weight.grad, layer.bias.grad]):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 H, W, C, HEADS = 5, 6, 16, 4
