@@ -376,8 +376,14 @@ class Fan(nn.Module):
         return x
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
-        """Image (B, C, H, W) -> patch tokens with positional encoding (B, N, D) and the grid (Hp, Wp)."""
-        x, (Hp, Wp) = self.patch_embed(self._fit_input(x))
+        """Image (B, C, H, W) -> patch tokens with positional encoding (B, N, D) and the grid (Hp, Wp).
+
+        In training the image enters the stem in channels-last memory: the stems' backward passes measured faster
+        that way on 2 CPU cores (FAN-T-Hybrid training steps 1.14x, FAN-T-ViT 1.03x; inference no different)."""
+        x = self._fit_input(x)
+        if self.training:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x, (Hp, Wp) = self.patch_embed(x)
         return self._add_pos_embed(x, Hp, Wp), Hp, Wp
 
     def _add_pos_embed(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
