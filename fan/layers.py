@@ -131,8 +131,12 @@ class TokenChunkedMlp(Mlp):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or not self._in_chunks(x):
-            return super().forward(x)
+        if not torch.jit.is_scripting() and self._in_chunks(x):
+            return self._forward_in_chunks(x)
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))  # timm's Mlp.forward
+
+    @torch.jit.ignore
+    def _forward_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
         return GeluMlpInChunks.apply(
             x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, getattr(self.act, 'approximate', 'none'))
 
