@@ -172,8 +172,9 @@ def naive_mixer_train(tokens, mixer, H, W, scale):
     return out.flatten(2).transpose(1, 2), mean.flatten(), var.flatten() * y[:, 0].numel() / (y[:, 0].numel() - 1)
 
 
-@pytest.mark.parametrize('frozen', [(), ('bn.weight', 'bn.bias', 'conv2.weight'), ('input', 'conv1.weight', 'conv1.bias')],
-                         ids=['all-trained', 'frozen-norm-and-conv2', 'frozen-input-side'])
+@pytest.mark.parametrize(
+    'frozen', [(), ('bn.weight', 'bn.bias', 'conv2.weight'), ('input', 'conv1.weight', 'conv1.bias')],
+    ids=['all-trained', 'frozen-norm-and-conv2', 'frozen-input-side'])
 @pytest.mark.parametrize('momentum', [0.1, None])
 def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(tokens, frozen, momentum):
     """Training keeps only the GELU input and recomputes GELU and norm in the backward pass, reusing its maps in
