@@ -73,10 +73,11 @@ class OneDnnLinear(torch.autograd.Function):
 
 def _plain_eager(x: torch.Tensor) -> bool:
     """True when ``x`` is an ordinary tensor in eager mode: not an FX proxy, fake or functional tensor, and no
-    tracing, ``torch.compile``, export or ONNX export is under way. The fast paths below only run then; the
-    reference computation is what tracers, compilers and exporters see."""
+    tracing, ``torch.compile``, export, ONNX export or ``torch.func`` transform (grad, vmap, jvp) is under way. The fast
+    paths below only run then; the reference computation is what tracers, compilers, exporters and transforms see."""
     return (
         type(x) is torch.Tensor
+        and not _FUNCTORCH_ACTIVE()
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
@@ -85,6 +86,7 @@ def _plain_eager(x: torch.Tensor) -> bool:
 
 
 _MKLDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+_FUNCTORCH_ACTIVE = getattr(torch._C, '_are_functorch_transforms_active', lambda: False)
 
 
 INFERENCE_CHUNK_BYTES = 20 * 2 ** 20  # largest activation of one batch chunk in CPU inference

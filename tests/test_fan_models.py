@@ -98,6 +98,20 @@ def test_cpu_inference_in_batch_chunks_gives_the_whole_batch_outputs(name, monke
     torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize('name', ['fan_tiny_12_p16_224', 'fan_tiny_8_p4_hybrid'])
+def test_torch_func_transforms_take_the_reference_path(name):
+    """torch.func's grad and vmap through an eval-mode model (the fast paths' autograd Functions do not support
+    transforms, so they step aside): the same input gradient and outputs as plain autograd and a batched call."""
+    model = fan.create_model(name, num_classes=10, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    grad = torch.func.grad(lambda images: model(images).square().sum())(x)
+    x_ref = x.clone().requires_grad_()
+    model(x_ref).square().sum().backward()
+    torch.testing.assert_close(grad, x_ref.grad, atol=1e-5, rtol=1e-4)
+    batched = torch.func.vmap(lambda image: model(image[None])[0])(x)
+    torch.testing.assert_close(batched, model(x), atol=1e-5, rtol=1e-4)
+
+
 def _official_name(name: str) -> str:
     """Our parameter name -> the official one: FAN-Swin's patch merging sits at the end of the previous stage
     there (timm 0.5.4 layout) and its head is ``head``, not ``head.fc``."""
