@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch.jit import Final
 
 from timm.layers import DropPath, LayerNorm, Mlp, trunc_normal_, use_fused_attn
-from timm.layers.activations import GELU as TimmGELU
 
 __all__ = [
     'Linear', 'OneDnnLinear', 'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'ChannelAttention', 'SeMlp', 'FanBlock',
@@ -36,7 +35,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting() or not self._fast_path(x):
             return F.linear(x, self.weight, self.bias)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
+        if _needs_autograd(x, self):
             return OneDnnLinear.apply(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, 'none', [], '')
 
@@ -85,6 +84,11 @@ def _plain_eager(x: torch.Tensor) -> bool:
     )
 
 
+def _needs_autograd(x: torch.Tensor, module: nn.Module) -> bool:
+    """True when autograd records the module's computation on ``x``: grad mode on, and ``x`` or a parameter needs it."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
 _MKLDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 _FUNCTORCH_ACTIVE = getattr(torch._C, '_are_functorch_transforms_active', lambda: False)
 
@@ -129,7 +133,7 @@ class TokenChunkedMlp(Mlp):
     page in. Token by token the MLP is independent, so the pass is split into chunks whose hidden maps
     (``TRAINING_CHUNK_BYTES``) are reused from the heap and stay in cache; the GELU output is recomputed in the
     backward pass instead of kept.
-    Measured 1.17x faster FAN-T-Hybrid training steps (batch 16, 2 cores) with 4 maps of 103 MB fewer per block.
+    Measured 1.12-1.19x faster FAN-T-Hybrid training steps (batch 16, 2 cores), 4 maps of 103 MB fewer per block.
     Inference, GPUs, dropout, autocast, tracing and export take timm's forward.
     """
 
@@ -140,18 +144,17 @@ class TokenChunkedMlp(Mlp):
 
     @torch.jit.ignore
     def _forward_in_chunks(self, x: torch.Tensor) -> torch.Tensor:
-        return GeluMlpInChunks.apply(
-            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, getattr(self.act, 'approximate', 'none'))
+        fc1, fc2 = self.fc1, self.fc2
+        return GeluMlpInChunks.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.act.approximate)
 
     @torch.jit.ignore
     def _in_chunks(self, x: torch.Tensor) -> bool:
         return (
             _plain_eager(x)
             and x.device.type == 'cpu'
-            and torch.is_grad_enabled()
-            and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+            and _needs_autograd(x, self)
             and isinstance(self.fc1, nn.Linear)
-            and type(self.act) in (nn.GELU, TimmGELU)
+            and isinstance(self.act, nn.GELU)
             and isinstance(self.norm, nn.Identity)
             and not (self.training and (self.drop1.p > 0 or self.drop2.p > 0))
             and x.dtype == self.fc1.weight.dtype
@@ -285,7 +288,7 @@ class DepthwiseConvMixer(nn.Module):
     def _path(self, x: torch.Tensor) -> str:
         if not _plain_eager(x):
             return 'reference'
-        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        grad = _needs_autograd(x, self)
         if not grad and not self.bn.training:
             return 'inference'
         if (grad and self.bn.training and self.bn.track_running_stats and isinstance(self.act, nn.GELU)
@@ -358,6 +361,7 @@ class GeluBatchNormConv(torch.autograd.Function):
         def per_channel(v: torch.Tensor) -> torch.Tensor:
             return v[:, None, None]
 
+        scale = invstd if bn_weight is None else invstd * bn_weight  # the norm's per-channel factor
         a = F.gelu(y, approximate=approximate)
         need_grad_normed = need_y or need_bn_weight or need_bn_bias
         grad_normed, _, grad_b2 = torch.ops.aten.convolution_backward(
@@ -370,16 +374,14 @@ class GeluBatchNormConv(torch.autograd.Function):
             grad_bn_weight = sum_g_xhat if need_bn_weight else None
             grad_bn_bias = sum_g if need_bn_bias else None
             if need_y:
-                # grad_a = k * (g - mean(g) - xhat * mean(g * xhat)), k = invstd * bn_weight, in grad_normed's memory
+                # grad_a = scale * (g - mean(g) - xhat * mean(g * xhat)), in grad_normed's memory
                 n = y.numel() // C
-                k = invstd if bn_weight is None else invstd * bn_weight
-                grad_a = grad_normed.mul_(per_channel(k))
-                grad_a.addcmul_(a, per_channel(-k * invstd * sum_g_xhat / n))
-                grad_a.add_(per_channel(k * (invstd * mean * sum_g_xhat - sum_g) / n))
+                grad_a = grad_normed.mul_(per_channel(scale))
+                grad_a.addcmul_(a, per_channel(-scale * invstd * sum_g_xhat / n))
+                grad_a.add_(per_channel(scale * (invstd * mean * sum_g_xhat - sum_g) / n))
                 grad_y = torch.ops.aten.gelu_backward.grad_input(grad_a, y, approximate=approximate, grad_input=grad_a)
         grad_w2 = None
         if need_w2:  # conv2's weight gradient reads its input, the norm output: rebuilt from a in place
-            scale = invstd if bn_weight is None else invstd * bn_weight
             shift = -mean * scale if bn_bias is None else bn_bias - mean * scale
             normed = torch.addcmul(per_channel(shift), a, per_channel(scale), out=a)
             grad_w2 = torch.ops.aten.convolution_backward(grad_out, normed, w2, *conv, [False, True, False])[1]
