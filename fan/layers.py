@@ -20,6 +20,7 @@ from timm.layers import DropPath, LayerNorm, Mlp, trunc_normal_, use_fused_attn
 __all__ = [
     'Linear', 'OneDnnLinear', 'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'ChannelAttention', 'SeMlp', 'FanBlock',
     'OverlapPatchEmbed', 'tokens_to_map', 'map_to_tokens', 'run_in_batch_chunks', 'TokenChunkedMlp',
+    'onednn_inference', 'onednn_conv', 'batch_norm_scale_shift',
 ]
 
 
@@ -89,7 +90,52 @@ def _needs_autograd(x: torch.Tensor, module: nn.Module) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
+def onednn_inference(x: torch.Tensor, module: nn.Module) -> bool:
+    """True when ``module`` may run its oneDNN inference path on ``x``: plain eager float32 on the CPU without
+    autocast, eval mode, and no autograd."""
+    return (
+        _MKLDNN_CONV
+        and _plain_eager(x)
+        and x.device.type == 'cpu'
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled('cpu')
+        and not module.training
+        and not _needs_autograd(x, module)
+    )
+
+
+def onednn_conv(
+        x: torch.Tensor,
+        conv: nn.Conv2d,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        gelu: Optional[nn.GELU] = None,
+        add: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``conv``'s convolution (its geometry, the given weight and bias) of x (B, C, H, W), then ``+ add`` (a map of
+    the output's shape), then ``gelu``, all in one oneDNN call: the sum and the activation run in the convolution's
+    epilogue instead of as passes of their own over the output."""
+    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    activation, algorithm = ('gelu', gelu.approximate) if gelu is not None else (None, None)
+    if add is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *geometry, activation or 'none', [], algorithm)
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, add, weight, bias, *geometry, 'add', 1., activation, [], algorithm)
+
+
+def batch_norm_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm as a per-channel multiply-add: bn(x) = x * scale + shift, both (C,)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
 _MKLDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+_MKLDNN_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
 _FUNCTORCH_ACTIVE = getattr(torch._C, '_are_functorch_transforms_active', lambda: False)
 
 
@@ -265,34 +311,36 @@ class DepthwiseConvMixer(nn.Module):
         added to the output, in place on conv2's output map (whose gradient needs neither), not on the token view of
         it, which autograd would have to rebuild in the backward pass (copying the whole gradient twice).
 
-        Two eager-mode paths give the same values as the reference computation with less memory: without autograd,
-        GELU and the BatchNorm run in place; in training, the GELU and norm outputs are recomputed in the backward
-        pass instead of kept (``GeluBatchNormConv``)."""
+        Two eager-mode paths give the same values as the reference computation with fewer passes over memory: CPU
+        inference runs two oneDNN convolutions with GELU, norm and residual folded in (``_inference``); in training,
+        the GELU and norm outputs are recomputed in the backward pass instead of kept (``GeluBatchNormConv``)."""
         w2, b2 = self.conv2.weight, self.conv2.bias
         if scale is not None:
             w2 = w2 * scale[:, None, None, None]
             b2 = b2 * scale if b2 is not None else None
         x = tokens_to_map(x, H, W)
+        residual = tokens_to_map(residual, H, W) if residual is not None else None
         path = 'reference' if torch.jit.is_scripting() else self._path(x)
         if path == 'inference':
-            x = self._inference(x, w2, b2)
-        elif path == 'recompute':
+            return map_to_tokens(self._inference(x, w2, b2, residual))
+        if path == 'recompute':
             x = self._recompute(x, w2, b2)
         else:
             x = self._reference(x, w2, b2)
         if residual is not None:
-            x = x.add_(tokens_to_map(residual, H, W))
+            x = x.add_(residual)
         return map_to_tokens(x)
 
     @torch.jit.ignore
     def _path(self, x: torch.Tensor) -> str:
         if not _plain_eager(x):
             return 'reference'
-        grad = _needs_autograd(x, self)
-        if not grad and not self.bn.training:
-            return 'inference'
-        if (grad and self.bn.training and self.bn.track_running_stats and isinstance(self.act, nn.GELU)
-                and x.dtype == self.conv1.weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+        if onednn_inference(x, self):
+            foldable = self.bn.running_var is not None and self.conv1.kernel_size == self.conv2.kernel_size == (3, 3)
+            return 'inference' if foldable and isinstance(self.act, nn.GELU) else 'reference'
+        if (_needs_autograd(x, self) and self.bn.training and self.bn.track_running_stats
+                and isinstance(self.act, nn.GELU) and x.dtype == self.conv1.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
             return 'recompute'
         return 'reference'
 
@@ -305,24 +353,40 @@ class DepthwiseConvMixer(nn.Module):
         return F.conv2d(x, w2, b2, padding=self.padding, groups=x.shape[1])
 
     @torch.jit.ignore
-    def _inference(self, x: torch.Tensor, w2: torch.Tensor, b2: Optional[torch.Tensor]) -> torch.Tensor:
-        """The reference computation with GELU and the eval-mode BatchNorm (one multiply-add) in place."""
-        x = self.conv1(x)
-        if isinstance(self.act, nn.GELU):
-            torch.ops.aten.gelu_(x, approximate=self.act.approximate)
-        else:
-            x = self.act(x)
-        bn = self.bn
-        if bn.running_var is None:
-            return F.conv2d(bn(x), w2, b2, padding=self.padding, groups=x.shape[1])
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
-        torch.addcmul(shift[:, None, None], x, scale[:, None, None], out=x)
-        return F.conv2d(x, w2, b2, padding=self.padding, groups=x.shape[1])
+    def _inference(
+            self,
+            x: torch.Tensor,
+            w2: torch.Tensor,
+            b2: Optional[torch.Tensor],
+            residual: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """The reference computation in two oneDNN convolutions: conv1 with the GELU in its epilogue, then conv2
+        with the eval-mode BatchNorm folded in and the residual map (B, C, H, W) added in its epilogue.
+
+        conv2(bn(a)) = conv2'(a) for the weights scaled by the norm's factor and a bias that adds the norm's shift
+        through every tap: exact inside the image; at the border the taps that fell on conv2's zero padding saw
+        zeros, not the shift, and are taken back out (``_remove_padding_taps``)."""
+        scale, shift = batch_norm_scale_shift(self.bn)
+        shift_taps = w2[:, 0] * shift[:, None, None]  # (C, 3, 3): each tap's share of the shift
+        bias = shift_taps.sum((1, 2)) if b2 is None else b2 + shift_taps.sum((1, 2))
+        a = onednn_conv(x, self.conv1, self.conv1.weight, self.conv1.bias, gelu=self.act)
+        x = onednn_conv(a, self.conv2, w2 * scale[:, None, None, None], bias, add=residual)
+        _remove_padding_taps(x, shift_taps)
+        return x
+
+
+def _remove_padding_taps(out: torch.Tensor, taps: torch.Tensor) -> None:
+    """Subtract in place from the border pixels of ``out`` (B, C, H, W), the output of a 3x3 stride-1 conv with zero
+    padding 1 whose bias holds all nine ``taps`` (C, 3, 3), the taps that fall on the padding there (kernel row 0 on
+    the top row, row 2 on the bottom one, the same for columns; the corner taps, taken twice, are added back)."""
+    rows, cols = taps.sum(2), taps.sum(1)  # (C, 3): sums over kernel rows / columns
+    out[:, :, 0].sub_(rows[:, 0, None])
+    out[:, :, -1].sub_(rows[:, 2, None])
+    out[:, :, :, 0].sub_(cols[:, 0, None])
+    out[:, :, :, -1].sub_(cols[:, 2, None])
+    for u, i in ((0, 0), (2, -1)):
+        for v, j in ((0, 0), (2, -1)):
+            out[:, :, i, j].add_(taps[:, u, v])
 
 
 class GeluBatchNormConv(torch.autograd.Function):

@@ -11,7 +11,7 @@ import fan.layers
 from fan.layers import (
     ChannelAttention, DepthwiseConvMixer, DwConvMlp, FanBlock, Linear, OverlapPatchEmbed, SeMlp, TokenChunkedMlp,
     TokenMixing)
-from fan.models.fan import LegacyLayerNorm, LegacyLayerNorm2d
+from fan.models.fan import ConvStem, LegacyLayerNorm, LegacyLayerNorm2d
 
 torch.manual_seed(0)
 ATOL = 1e-5
@@ -139,13 +139,20 @@ def tokens():
     return torch.randn(2, H * W, C)
 
 
-@pytest.mark.parametrize('autograd', [True, False], ids=['reference', 'in-place inference'])
-def test_depthwise_conv_mixer(tokens, autograd):
+@pytest.mark.parametrize('grid', [(H, W), (1, 1), (1, 4), (3, 2)], ids=lambda g: f'{g[0]}x{g[1]}')
+@pytest.mark.parametrize('autograd', [True, False], ids=['reference', 'onednn-inference'])
+def test_depthwise_conv_mixer(autograd, grid):
+    """Values with a per-channel output scale and a residual. Without autograd, CPU inference folds the BatchNorm
+    into conv2 and takes back the shift's taps on the zero padding: grids of one row or column have every border."""
     mixer = randomize(DepthwiseConvMixer(C))
+    rows, cols = grid
+    tokens, residual, scale = torch.randn(2, rows * cols, C), torch.randn(2, rows * cols, C), torch.randn(C)
     with torch.set_grad_enabled(autograd):
-        out = mixer(tokens, H, W)
+        out = mixer(tokens, rows, cols, scale=scale, residual=residual)
+        assert mixer._path(tokens) == ('inference' if fan.layers._MKLDNN_CONV and not autograd else 'reference')
     for b in range(2):
-        torch.testing.assert_close(out[b], naive_mixer(tokens[b], mixer, H, W), atol=ATOL, rtol=ATOL)
+        expected = residual[b] + scale * naive_mixer(tokens[b], mixer, rows, cols)
+        torch.testing.assert_close(out[b], expected, atol=ATOL, rtol=ATOL)
 
 
 def autograd_nodes(root) -> set:
@@ -241,10 +248,12 @@ def test_token_chunked_mlp_trains_in_chunks_with_the_formula_values_and_gradient
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize('autograd', [True, False], ids=['reference', 'onednn-inference'])
 @pytest.mark.parametrize('residual', [True, False])
-def test_dwconv_mlp(tokens, residual):
+def test_dwconv_mlp(tokens, residual, autograd):
     mlp = randomize(DwConvMlp(C, 3 * C, residual=residual))
-    out = mlp(tokens, H, W)
+    with torch.set_grad_enabled(autograd):
+        out = mlp(tokens, H, W)
     for b in range(2):
         torch.testing.assert_close(out[b], naive_dwconv_mlp(tokens[b], mlp, H, W, residual), atol=ATOL, rtol=ATOL)
 
@@ -310,6 +319,27 @@ def test_overlap_patch_embed(tokens):
             value = (embed.proj.weight * patch).sum((1, 2, 3)) + embed.proj.bias
             expected = layer_norm(value, embed.norm, 1e-5)
             torch.testing.assert_close(out[0, i * w + j], expected, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize('autograd', [True, False], ids=['reference', 'onednn-inference'])
+def test_conv_stem(autograd):
+    """FAN-ViT's stem: four 3x3 stride-2 convs (no bias) each with an eval-mode BatchNorm, GELU between; CPU
+    inference folds each norm into its conv and runs the GELU in the conv's epilogue."""
+    stem = randomize(ConvStem(patch_size=16, in_chans=3, embed_dim=32))
+    images = torch.randn(2, 3, 48, 32)
+    with torch.set_grad_enabled(autograd):
+        tokens, grid = stem(images)
+    x = images
+    for index, (conv, bn) in enumerate(stem.proj[::2]):
+        columns = F.unfold(x, 3, padding=1, stride=2)  # (B, C_in * 9, H' * W')
+        rows, cols = (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
+        x = (conv.weight.flatten(1) @ columns).unflatten(2, (rows, cols))
+        x = (x - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+        x = x * bn.weight[:, None, None] + bn.bias[:, None, None]
+        if index < 3:
+            x = gelu(x)
+    assert grid == (3, 2)
+    torch.testing.assert_close(tokens, x.flatten(2).transpose(1, 2), atol=ATOL, rtol=ATOL)
 
 
 def test_legacy_layer_norm_2d_uses_unbiased_variance():

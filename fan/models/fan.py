@@ -26,11 +26,11 @@ from timm.models.xcit import ClassAttentionBlock, ConvPatchEmbed, PositionalEnco
 from timm.models.xcit import checkpoint_filter_fn as xcit_checkpoint_filter_fn
 
 from ..layers import (
-    ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, TokenChunkedMlp, run_in_batch_chunks, map_to_tokens,
-    tokens_to_map)
+    ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, TokenChunkedMlp, batch_norm_scale_shift, map_to_tokens,
+    onednn_conv, onednn_inference, run_in_batch_chunks, tokens_to_map)
 from ._checkpoint import unwrap_checkpoint, check_keys
 
-__all__ = ['Fan', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add each entrypoint fn to this
+__all__ = ['Fan', 'ConvStem', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add each entrypoint fn to this
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -63,6 +63,35 @@ class LegacyLayerNorm(LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _unbiased_layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class ConvStem(ConvPatchEmbed):
+    """The conv patch stem of FAN-ViT, timm's XCiT ``ConvPatchEmbed``: 3x3 stride-2 convs, each followed by
+    BatchNorm, with GELU between them; image (B, 3, H, W) -> tokens (B, H/p * W/p, D) and the grid (H/p, W/p).
+
+    CPU inference folds each eval-mode BatchNorm into its convolution (exact: the norm follows the conv) and computes
+    the GELU in the convolution's epilogue, one pass over each map instead of three."""
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        if not torch.jit.is_scripting() and onednn_inference(x, self):
+            x = self._folded(x)
+        else:
+            x = self.proj(x)
+        return map_to_tokens(x), (x.shape[2], x.shape[3])
+
+    @torch.jit.ignore
+    def _folded(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self.proj)
+        convs, activations = layers[::2], layers[1::2]  # timm's conv3x3 (Conv2d, BatchNorm2d), an activation between
+        for index, (conv, bn) in enumerate(convs):
+            activation = activations[index] if index < len(activations) else None
+            gelu = activation if isinstance(activation, nn.GELU) else None
+            scale, shift = batch_norm_scale_shift(bn)
+            bias = shift if conv.bias is None else conv.bias * scale + shift
+            x = onednn_conv(x, conv, conv.weight * scale[:, None, None, None], bias, gelu=gelu)
+            if activation is not None and gelu is None:
+                x = activation(x)
+        return x
 
 
 class HybridBackbone(nn.Module):
@@ -247,7 +276,7 @@ class Fan(nn.Module):
         else:
             if patch_size not in (8, 16):
                 raise ValueError(f'patch_size must be 8 or 16 for the conv stem, got {patch_size}')
-            self.patch_embed = ConvPatchEmbed(
+            self.patch_embed = ConvStem(
                 patch_size=patch_size, in_chans=in_chans, embed_dim=dims[0], act_layer=act_layer, **dd)
             self.patch_size = patch_size
             stem_info = []
