@@ -110,17 +110,17 @@ def onednn_conv(
         weight: torch.Tensor,
         bias: Optional[torch.Tensor],
         gelu: Optional[nn.GELU] = None,
-        add: Optional[torch.Tensor] = None,
+        add_to: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``conv``'s convolution (its geometry, the given weight and bias) of x (B, C, H, W), then ``+ add`` (a map of
-    the output's shape), then ``gelu``, all in one oneDNN call: the sum and the activation run in the convolution's
-    epilogue instead of as passes of their own over the output."""
+    """``conv``'s convolution (its geometry, the given weight and bias) of x (B, C, H, W), added to the map
+    ``add_to`` if given (in place: its memory takes the sum, which is returned), then ``gelu``, in one oneDNN call:
+    the sum and the activation run in the convolution's epilogue instead of as passes of their own."""
     geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     activation, algorithm = ('gelu', gelu.approximate) if gelu is not None else (None, None)
-    if add is None:
+    if add_to is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *geometry, activation or 'none', [], algorithm)
-    return torch.ops.mkldnn._convolution_pointwise.binary(
-        x, add, weight, bias, *geometry, 'add', 1., activation, [], algorithm)
+    return torch.ops.mkldnn._convolution_pointwise_.binary(  # (the out-of-place variant adds in a separate pass)
+        add_to, x, weight, bias, *geometry, 'add', 1., activation, [], algorithm)
 
 
 def batch_norm_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -309,7 +309,8 @@ class DepthwiseConvMixer(nn.Module):
         """Tokens (B, N, C) -> (B, N, C); ``scale`` (C,) multiplies the output channels, folded into conv2's weights
         so that training does not keep the unscaled output for the gradient of ``scale``; ``residual`` (B, N, C) is
         added to the output, in place on conv2's output map (whose gradient needs neither), not on the token view of
-        it, which autograd would have to rebuild in the backward pass (copying the whole gradient twice).
+        it, which autograd would have to rebuild in the backward pass (copying the whole gradient twice). In CPU
+        inference conv2 adds its output to ``residual`` in place instead: the residual's memory is overwritten.
 
         Two eager-mode paths give the same values as the reference computation with fewer passes over memory: CPU
         inference runs two oneDNN convolutions with GELU, norm and residual folded in (``_inference``); in training,
@@ -361,7 +362,7 @@ class DepthwiseConvMixer(nn.Module):
             residual: Optional[torch.Tensor],
     ) -> torch.Tensor:
         """The reference computation in two oneDNN convolutions: conv1 with the GELU in its epilogue, then conv2
-        with the eval-mode BatchNorm folded in and the residual map (B, C, H, W) added in its epilogue.
+        with the eval-mode BatchNorm folded in, its output added in place to the residual map (B, C, H, W) if given.
 
         conv2(bn(a)) = conv2'(a) for the weights scaled by the norm's factor and a bias that adds the norm's shift
         through every tap: exact inside the image; at the border the taps that fell on conv2's zero padding saw
@@ -370,7 +371,9 @@ class DepthwiseConvMixer(nn.Module):
         shift_taps = w2[:, 0] * shift[:, None, None]  # (C, 3, 3): each tap's share of the shift
         bias = shift_taps.sum((1, 2)) if b2 is None else b2 + shift_taps.sum((1, 2))
         a = onednn_conv(x, self.conv1, self.conv1.weight, self.conv1.bias, gelu=self.act)
-        x = onednn_conv(a, self.conv2, w2 * scale[:, None, None, None], bias, add=residual)
+        if residual is not None and not residual.is_contiguous(memory_format=torch.channels_last):
+            residual = residual.contiguous(memory_format=torch.channels_last)  # the layout of conv2's output
+        x = onednn_conv(a, self.conv2, w2 * scale[:, None, None, None], bias, add_to=residual)
         _remove_padding_taps(x, shift_taps)
         return x
 
