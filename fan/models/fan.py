@@ -77,12 +77,15 @@ class ConvStem(ConvPatchEmbed):
     """
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        if not torch.jit.is_scripting() and onednn_inference(x, self):
-            first_map_per_pixel = self.proj[0][0].out_channels / 4  # stride 2
-            x = run_in_batch_chunks(self._folded, x, first_map_per_pixel, self.training, layers.STEM_CHUNK_BYTES)
-        else:
-            x = self.proj(x)
+        x = self.proj(x) if torch.jit.is_scripting() else self._maps(x)
         return map_to_tokens(x), (x.shape[2], x.shape[3])
+
+    @torch.jit.ignore
+    def _maps(self, x: torch.Tensor) -> torch.Tensor:
+        if not onednn_inference(x, self):
+            return self.proj(x)
+        first_map_per_pixel = self.proj[0][0].out_channels / 4  # stride 2
+        return run_in_batch_chunks(self._folded, x, first_map_per_pixel, self.training, layers.STEM_CHUNK_BYTES)
 
     @torch.jit.ignore
     def _folded(self, x: torch.Tensor) -> torch.Tensor:
