@@ -22,7 +22,7 @@ from timm.layers import DropPath, LayerNorm, Mlp, trunc_normal_, use_fused_attn
 __all__ = [
     'Linear', 'OneDnnLinear', 'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'ChannelAttention', 'SeMlp', 'FanBlock',
     'OverlapPatchEmbed', 'tokens_to_map', 'map_to_tokens', 'run_in_batch_chunks', 'TokenChunkedMlp',
-    'onednn_inference', 'onednn_conv', 'batch_norm_scale_shift',
+    'onednn_inference', 'onednn_conv', 'batch_norm_scale_shift', 'raise_malloc_thresholds',
 ]
 
 
