@@ -44,14 +44,7 @@ class Linear(nn.Linear):
 
     @torch.jit.ignore
     def _fast_path(self, x: torch.Tensor) -> bool:
-        return (
-            _MKLDNN_LINEAR
-            and self.bias is not None
-            and _plain_eager(x)
-            and x.device.type == 'cpu'
-            and x.dtype == self.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled('cpu')  # autocast's bf16 products go through F.linear
-        )
+        return _MKLDNN_LINEAR and self.bias is not None and self.weight.dtype == x.dtype and _cpu_float32_eager(x)
 
 
 class OneDnnLinear(torch.autograd.Function):
@@ -87,6 +80,17 @@ def _plain_eager(x: torch.Tensor) -> bool:
     )
 
 
+def _cpu_float32_eager(x: torch.Tensor) -> bool:
+    """True when the oneDNN fast paths may take ``x``: a plain eager float32 CPU tensor, autocast off (autocast's bf16
+    products go through the reference operations)."""
+    return (
+        _plain_eager(x)
+        and x.device.type == 'cpu'
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled('cpu')
+    )
+
+
 def _needs_autograd(x: torch.Tensor, module: nn.Module) -> bool:
     """True when autograd records the module's computation on ``x``: grad mode on, and ``x`` or a parameter needs it."""
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
@@ -95,15 +99,7 @@ def _needs_autograd(x: torch.Tensor, module: nn.Module) -> bool:
 def onednn_inference(x: torch.Tensor, module: nn.Module) -> bool:
     """True when ``module`` may run its oneDNN inference path on ``x``: plain eager float32 on the CPU without
     autocast, eval mode, and no autograd."""
-    return (
-        _MKLDNN_CONV
-        and _plain_eager(x)
-        and x.device.type == 'cpu'
-        and x.dtype == torch.float32
-        and not torch.is_autocast_enabled('cpu')
-        and not module.training
-        and not _needs_autograd(x, module)
-    )
+    return _MKLDNN_CONV and _cpu_float32_eager(x) and not module.training and not _needs_autograd(x, module)
 
 
 def onednn_conv(
@@ -160,7 +156,8 @@ def run_in_batch_chunks(
     (``activation_per_pixel`` values per input pixel) stays within ``chunk_bytes`` (default ``INFERENCE_CHUNK_BYTES``),
     and the chunks' outputs are concatenated: the same values. At batch 16 on 2 cores this measured 1.1-1.25x faster
     for FAN-Hybrid and FAN-Swin; FAN-ViT's activations are small enough to run whole, except for its conv stem's
-    (``STEM_CHUNK_BYTES``). Otherwise ``features(x)``.
+    (``STEM_CHUNK_BYTES``). Otherwise ``features(x)``. The first CPU inference also raises glibc's malloc thresholds
+    (``raise_malloc_thresholds``).
     """
     if not _plain_eager(x) or training or torch.is_grad_enabled() or x.device.type != 'cpu' or x.ndim != 4:
         return features(x)
@@ -186,7 +183,8 @@ def raise_malloc_thresholds() -> None:
     then keep coming back as fresh memory to page in, 4 KiB per fault, on every batch (8 ms per 19 MB map on the
     project's VM, more than the convolution writing it). After this one free, activations up to 32 MiB come from the
     heap and up to 64 MiB of freed memory stays mapped for the next operation: what glibc does anyway once a program
-    has freed a large block. CPU inference calls it (``run_in_batch_chunks``): 1.15-1.2x FAN-T-ViT inference.
+    has freed a large block. CPU inference calls it (``run_in_batch_chunks``): in alternating fresh processes 1.05-1.33x
+    FAN-T-ViT, 1.37x FAN-T-Hybrid and 1.13-1.15x FAN-Swin-T inference.
     """
     global _malloc_thresholds_raised
     if _GLIBC and not _malloc_thresholds_raised:
