@@ -44,7 +44,7 @@ class Linear(nn.Linear):
 
     @torch.jit.ignore
     def _fast_path(self, x: torch.Tensor) -> bool:
-        return _MKLDNN_LINEAR and self.bias is not None and self.weight.dtype == x.dtype and _cpu_float32_eager(x)
+        return _MKLDNN_LINEAR and self.bias is not None and _cpu_float32_eager(x) and self.weight.dtype == x.dtype
 
 
 class OneDnnLinear(torch.autograd.Function):
@@ -82,7 +82,8 @@ def _plain_eager(x: torch.Tensor) -> bool:
 
 def _cpu_float32_eager(x: torch.Tensor) -> bool:
     """True when the oneDNN fast paths may take ``x``: a plain eager float32 CPU tensor, autocast off (autocast's bf16
-    products go through the reference operations)."""
+    products go through the reference operations). Checked before anything else reads ``x``: under FX tracing it is a
+    proxy, which must not reach a Python condition."""
     return (
         _plain_eager(x)
         and x.device.type == 'cpu'
