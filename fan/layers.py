@@ -340,7 +340,7 @@ class DepthwiseConvMixer(nn.Module):
 
         Two eager-mode paths give the same values as the reference computation with fewer passes over memory: CPU
         inference runs two oneDNN convolutions with GELU, norm and residual folded in (``_inference``); in training,
-        the GELU and norm outputs are recomputed in the backward pass instead of kept (``GeluBatchNormConv``)."""
+        the GELU and norm outputs are recomputed in the backward pass instead of kept (``ConvGeluNormConv``)."""
         w2, b2 = self.conv2.weight, self.conv2.bias
         if scale is not None:
             w2 = w2 * scale[:, None, None, None]
@@ -373,7 +373,8 @@ class DepthwiseConvMixer(nn.Module):
 
     @torch.jit.ignore
     def _recompute(self, x: torch.Tensor, w2: torch.Tensor, b2: Optional[torch.Tensor]) -> torch.Tensor:
-        return GeluBatchNormConv.apply(self.conv1(x), self.bn.weight, self.bn.bias, w2, b2, self)
+        conv1, bn = self.conv1, self.bn
+        return ConvGeluNormConv.apply(x, conv1.weight, conv1.bias, bn.weight, bn.bias, w2, b2, self)
 
     def _reference(self, x: torch.Tensor, w2: torch.Tensor, b2: Optional[torch.Tensor]) -> torch.Tensor:
         x = self.bn(self.act(self.conv1(x)))
@@ -418,49 +419,51 @@ def _remove_padding_taps(out: torch.Tensor, taps: torch.Tensor) -> None:
             out[:, :, i, j].add_(taps[:, u, v])
 
 
-class GeluBatchNormConv(torch.autograd.Function):
-    """GELU -> BatchNorm on batch statistics -> depthwise conv of the mixer, in training, with the fewest new
-    hidden-width maps: the forward pass keeps only the GELU input and the batch statistics and normalises the GELU
-    output in place; the backward pass recomputes the GELU output, turns conv2's input gradient into the GELU input
-    gradient in place, and rebuilds the norm output in place for conv2's weight gradient. Two new maps per pass
-    instead of three and five: on the CPU a new map above glibc's mmap threshold (32 MiB) is fresh memory to page in,
-    which costs more than the arithmetic on it. Same values and gradients as autograd on the reference ops; the
-    running statistics are updated once, as ``nn.BatchNorm2d`` does."""
+class ConvGeluNormConv(torch.autograd.Function):
+    """The mixer in training, conv1 -> GELU -> BatchNorm on batch statistics -> conv2, on a map x (B, C, H, W), with
+    the fewest new hidden-width maps: the forward pass keeps only conv1's input and output (the GELU input) and the
+    batch statistics, and normalises the GELU output in place; the backward pass recomputes the GELU output, turns
+    conv2's input gradient into the GELU input gradient in place, and rebuilds the norm output in place for conv2's
+    weight gradient. Two new maps per pass instead of three and five: on the CPU a new map above glibc's mmap
+    threshold (32 MiB) is fresh memory to page in, which costs more than the arithmetic on it. Each depthwise conv's
+    input gradient is the forward conv of its output gradient with the kernel flipped (``_conv_input_grad``). Same
+    values and gradients as autograd on the reference ops; the running statistics are updated once, as
+    ``nn.BatchNorm2d`` does."""
 
     @staticmethod
-    def forward(ctx, y, bn_weight, bn_bias, w2, b2, mixer: 'DepthwiseConvMixer') -> torch.Tensor:
+    def forward(ctx, x, w1, b1, bn_weight, bn_bias, w2, b2, mixer: 'DepthwiseConvMixer') -> torch.Tensor:
         bn = mixer.bn
         bn.num_batches_tracked.add_(1)
         momentum = 1. / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum  # None: plain average
+        y = F.conv2d(x, w1, b1, padding=mixer.padding, groups=x.shape[1])
         a = F.gelu(y, approximate=mixer.act.approximate)
         # in place: training BatchNorm reads all of its input for the statistics before it writes any output
         normed, mean, invstd = torch.ops.aten.native_batch_norm.out(
             a, bn_weight, bn_bias, bn.running_mean, bn.running_var, True, momentum, bn.eps,
             out=a, save_mean=y.new_empty(0), save_invstd=y.new_empty(0))
         ctx.mixer = mixer
-        ctx.save_for_backward(y, bn_weight, bn_bias, w2, mean, invstd)
+        ctx.save_for_backward(x, y, w1, bn_weight, bn_bias, w2, mean, invstd)
         return F.conv2d(normed, w2, b2, padding=mixer.padding, groups=y.shape[1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        y, bn_weight, bn_bias, w2, mean, invstd = ctx.saved_tensors
+        x, y, w1, bn_weight, bn_bias, w2, mean, invstd = ctx.saved_tensors
         mixer = ctx.mixer
         C = y.shape[1]
-        need_y, need_bn_weight, need_bn_bias, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        need_x, need_w1, need_b1, need_bn_weight, need_bn_bias, need_w2, need_b2 = ctx.needs_input_grad[:7]
         need_bn_weight, need_bn_bias = need_bn_weight and bn_weight is not None, need_bn_bias and bn_bias is not None
+        need_y = need_x or need_w1 or need_b1
         approximate = mixer.act.approximate
-        conv = ([C], [1, 1], [mixer.padding] * 2, [1, 1], False, [0, 0], C)  # depthwise conv2's geometry
+        conv = ([C], [1, 1], [mixer.padding] * 2, [1, 1], False, [0, 0], C)  # the depthwise convs' geometry
 
         def per_channel(v: torch.Tensor) -> torch.Tensor:
             return v[:, None, None]
 
         scale = invstd if bn_weight is None else invstd * bn_weight  # the norm's per-channel factor
         a = F.gelu(y, approximate=approximate)
-        need_grad_normed = need_y or need_bn_weight or need_bn_bias
-        grad_normed, _, grad_b2 = torch.ops.aten.convolution_backward(
-            grad_out, a, w2, *conv, [need_grad_normed, False, need_b2])  # the input gradient does not read a
-        grad_y = grad_bn_weight = grad_bn_bias = None
-        if need_grad_normed:
+        grad_x = grad_w1 = grad_b1 = grad_bn_weight = grad_bn_bias = grad_w2 = grad_b2 = None
+        if need_y or need_bn_weight or need_bn_bias:
+            grad_normed = _conv_input_grad(grad_out, w2, mixer.padding)
             # per channel: sum of g * xhat (the norm weight's gradient) and of g (the bias'), xhat = (a - mean) * invstd
             _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
                 grad_normed, a, bn_weight, None, None, mean, invstd, True, mixer.bn.eps, [False, True, True])
@@ -473,12 +476,27 @@ class GeluBatchNormConv(torch.autograd.Function):
                 grad_a.addcmul_(a, per_channel(-scale * invstd * sum_g_xhat / n))
                 grad_a.add_(per_channel(scale * (invstd * mean * sum_g_xhat - sum_g) / n))
                 grad_y = torch.ops.aten.gelu_backward.grad_input(grad_a, y, approximate=approximate, grad_input=grad_a)
-        grad_w2 = None
+                if need_x:
+                    grad_x = _conv_input_grad(grad_y, w1, mixer.padding)
+                if need_w1 or need_b1:
+                    _, grad_w1, grad_b1 = torch.ops.aten.convolution_backward(
+                        grad_y, x, w1, *conv, [False, need_w1, need_b1])
         if need_w2:  # conv2's weight gradient reads its input, the norm output: rebuilt from a in place
             shift = -mean * scale if bn_bias is None else bn_bias - mean * scale
             normed = torch.addcmul(per_channel(shift), a, per_channel(scale), out=a)
-            grad_w2 = torch.ops.aten.convolution_backward(grad_out, normed, w2, *conv, [False, True, False])[1]
-        return grad_y, grad_bn_weight, grad_bn_bias, grad_w2, grad_b2, None
+            _, grad_w2, grad_b2 = torch.ops.aten.convolution_backward(
+                grad_out, normed, w2, *conv, [False, True, need_b2])
+        elif need_b2:
+            grad_b2 = grad_out.sum((0, 2, 3))
+        return grad_x, grad_w1, grad_b1, grad_bn_weight, grad_bn_bias, grad_w2, grad_b2, None
+
+
+def _conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
+    """The input gradient of a depthwise, stride-1 conv with odd kernel ``weight`` (C, 1, k, k) and zero padding
+    k // 2, for its output gradient (B, C, H, W): the forward conv of the gradient with the kernel flipped in both
+    directions. oneDNN's forward depthwise kernel ran 1.3-2x faster than its backward-data kernel on the FAN mixer's
+    maps (2 cores)."""
+    return F.conv2d(grad_out, weight.flip(2, 3), padding=padding, groups=weight.shape[0])
 
 
 class DwConvMlp(nn.Module):
