@@ -494,8 +494,8 @@ class ConvGeluNormConv(torch.autograd.Function):
 def _conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
     """The input gradient of a depthwise, stride-1 conv with odd kernel ``weight`` (C, 1, k, k) and zero padding
     k // 2, for its output gradient (B, C, H, W): the forward conv of the gradient with the kernel flipped in both
-    directions. oneDNN's forward depthwise kernel ran 1.3-2x faster than its backward-data kernel on the FAN mixer's
-    maps (2 cores)."""
+    directions. oneDNN's forward depthwise kernel is the faster one: in a FAN-T-ViT training step (batch 16, 2 cores)
+    conv1's backward took 2.7 ms as one call, 1.1 ms for the flipped conv plus 1.2 ms for the weight gradient."""
     return F.conv2d(grad_out, weight.flip(2, 3), padding=padding, groups=weight.shape[0])
 
 
