@@ -190,7 +190,7 @@ def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(
     """Training keeps only conv1's input and output, recomputes GELU and norm in the backward pass, reusing its maps
     in place, and takes the convs' input gradients as convs with flipped kernels: outputs, every gradient asked for
     and the running statistics (updated once; momentum None is the plain average) must equal plain autograd on the
-    formula, also when only some inputs need gradients, on grids where every pixel is on a border."""
+    formula, also when only some inputs need gradients, and on grids of one row (every pixel on a border)."""
     H, W = grid
     tokens = torch.randn(2, H * W, C)
     mixer = randomize(DepthwiseConvMixer(C)).train()
