@@ -81,6 +81,21 @@ def test_conformance_with_official_outputs(tmp_path, name):
 
 
 @pytest.mark.parametrize('name', GOLDEN)
+def test_bf16_autocast_inference_keeps_top1_on_golden_inputs(tmp_path, name):
+    """CPU autocast to bfloat16 (the bfloat16 fast paths): every golden image keeps the official model's top-1 class,
+    and the logits stay within 5 % of the largest."""
+    data = golden(name)
+    path = released_file(tmp_path, recipe.official_state_dict(data['keys']), name)
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = recipe.golden_input(data['input']['shape'], data['input']['seed'])
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        logits = model(x).float()
+    ref = torch.tensor(data['logits'])
+    assert torch.equal(logits.argmax(1), ref.argmax(1))
+    assert ((logits - ref).abs().max() / ref.abs().max()).item() < 5e-2
+
+
+@pytest.mark.parametrize('name', GOLDEN)
 def test_cpu_inference_in_batch_chunks_gives_the_whole_batch_outputs(name, monkeypatch):
     """Without autograd in eval mode the CPU forward splits big batches (fan.layers.run_in_batch_chunks); the
     outputs must be those of the whole batch (with autograd, so unsplit) for every image."""

@@ -151,7 +151,7 @@ def test_depthwise_conv_mixer(autograd, grid):
     tokens, residual, scale = torch.randn(2, rows * cols, C), torch.randn(2, rows * cols, C), torch.randn(C)
     with torch.set_grad_enabled(autograd):
         out = mixer(tokens, rows, cols, scale=scale, residual=residual.clone())  # inference adds to it in place
-        assert mixer._path(tokens) == ('inference' if fan.layers._MKLDNN_CONV and not autograd else 'reference')
+        assert mixer._inference_dtype(tokens) == (torch.float32 if fan.layers._MKLDNN_CONV and not autograd else None)
     for b in range(2):
         expected = residual[b] + scale * naive_mixer(tokens[b], mixer, rows, cols)
         torch.testing.assert_close(out[b], expected, atol=ATOL, rtol=ATOL)
@@ -351,6 +351,43 @@ def test_conv_stem(autograd, monkeypatch):
             x = gelu(x)
     assert grid == (3, 2)
     torch.testing.assert_close(tokens, x.flatten(2).transpose(1, 2), atol=1e-4, rtol=1e-4)  # four folded convs
+
+
+def assert_close_in_bf16(got: torch.Tensor, want: torch.Tensor) -> None:
+    """bfloat16 values against the float32 formula: within 2 % of the largest value (bfloat16 keeps 8 bits)."""
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-2
+
+
+@pytest.mark.parametrize('grid', [(H, W), (1, 4)], ids=lambda g: f'{g[0]}x{g[1]}')
+def test_bf16_autocast_inference_paths_match_the_formula(grid, monkeypatch):
+    """Under CPU autocast to bfloat16 without autograd, Linear, the depthwise mixer (folded norm, padding taps taken
+    back in bfloat16), token attention (explicit bfloat16 matmuls instead of SDPA) and the conv stem run their bfloat16
+    paths; their values are those of the float32 formula to bfloat16 rounding."""
+    rows, cols = grid
+    tokens, residual, scale = torch.randn(2, rows * cols, C), torch.randn(2, rows * cols, C), torch.randn(C)
+    layer, mixer = randomize(Linear(C, 24)), randomize(DepthwiseConvMixer(C))
+    attn, stem = randomize(TokenMixing(C, num_heads=HEADS)), randomize(ConvStem(patch_size=16, in_chans=3, embed_dim=32))
+    images = torch.randn(2, 3, 48, 32)
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError('SDPA called')
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', no_sdpa)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        if fan.layers._MKLDNN_LINEAR:
+            assert layer._fast_path_dtype(tokens) == torch.bfloat16
+        if fan.layers._MKLDNN_CONV:
+            assert mixer._inference_dtype(tokens) == torch.bfloat16
+        got = [layer(tokens), mixer(tokens, rows, cols, scale=scale, residual=residual.clone()), attn(tokens)]
+        stem_tokens, _ = stem(images)
+    monkeypatch.undo()
+    for b in range(2):
+        assert_close_in_bf16(got[0][b], linear(tokens[b], layer))
+        assert_close_in_bf16(got[1][b], residual[b] + scale * naive_mixer(tokens[b], mixer, rows, cols))
+        assert_close_in_bf16(got[2][b], naive_attention(tokens[b], attn))
+    with torch.no_grad():
+        assert_close_in_bf16(stem_tokens, stem(images)[0])
 
 
 def test_legacy_layer_norm_2d_uses_unbiased_variance():

@@ -70,10 +70,11 @@ class ConvStem(ConvPatchEmbed):
     """The conv patch stem of FAN-ViT, timm's XCiT ``ConvPatchEmbed``: 3x3 stride-2 convs, each followed by
     BatchNorm, with GELU between them; image (B, 3, H, W) -> tokens (B, H/p * W/p, D) and the grid (H/p, W/p).
 
-    CPU inference folds each eval-mode BatchNorm into its convolution (exact: the norm follows the conv) and computes
-    the GELU in the convolution's epilogue, one pass over each map instead of three; it runs the batch in chunks of
-    images whose first map, the largest, stays within ``fan.layers.STEM_CHUNK_BYTES``: smaller maps are reused from the
-    heap instead of being fresh memory to page in (at batch 16, 19 MB maps; in-process A/B 1.05x FAN-T-ViT inference).
+    CPU inference (float32, or bfloat16 under autocast) folds each eval-mode BatchNorm into its convolution (exact: the
+    norm follows the conv) and computes the GELU in the convolution's epilogue, one pass over each map instead of
+    three; it runs the batch in chunks of images whose first map, the largest, stays within
+    ``fan.layers.STEM_CHUNK_BYTES``: smaller maps are reused from the heap instead of being fresh memory to page in (at
+    batch 16, 19 MB maps; in-process A/B 1.05x FAN-T-ViT inference).
     """
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -82,10 +83,12 @@ class ConvStem(ConvPatchEmbed):
 
     @torch.jit.ignore
     def _maps(self, x: torch.Tensor) -> torch.Tensor:
-        if not onednn_inference(x, self):
+        dtype = onednn_inference(x, self)
+        if dtype is None:
             return self.proj(x)
         first_map_per_pixel = self.proj[0][0].out_channels / 4  # stride 2
-        return run_in_batch_chunks(self._folded, x, first_map_per_pixel, self.training, layers.STEM_CHUNK_BYTES)
+        return run_in_batch_chunks(
+            self._folded, x.to(dtype), first_map_per_pixel, self.training, layers.STEM_CHUNK_BYTES)
 
     @torch.jit.ignore
     def _folded(self, x: torch.Tensor) -> torch.Tensor:
