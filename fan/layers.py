@@ -48,10 +48,11 @@ class Linear(nn.Linear):
 
     @torch.jit.ignore
     def _fast_path_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
-        """The dtype of the oneDNN product for ``x``, or None where ``F.linear`` runs."""
-        if not _MKLDNN_LINEAR or self.bias is None or self.weight.dtype != torch.float32:
+        """The dtype of the oneDNN product for ``x``, or None where ``F.linear`` runs. (``x`` is checked first: under
+        FX tracing it and the parameters are proxies, which must not reach a Python condition.)"""
+        if not _MKLDNN_LINEAR or not _plain_eager(x) or self.bias is None or self.weight.dtype != torch.float32:
             return None
-        if _cpu_float32_eager(x) and x.dtype == self.weight.dtype:
+        if _cpu_float32_eager(x) and x.dtype == torch.float32:
             return torch.float32
         return torch.bfloat16 if _cpu_bf16_autocast_inference(x, self) else None
 
@@ -623,7 +624,8 @@ class TokenMixing(nn.Module):
         B, N, C = x.shape
         q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, N, d)
         k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused_attn and (torch.jit.is_scripting() or not _cpu_bf16_autocast_inference(q, self)):
+        sdpa = self.fused_attn if torch.jit.is_scripting() else self.fused_attn and not self._bf16_cpu_inference(q)
+        if sdpa:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         else:  # (also CPU bfloat16 inference: bfloat16 products beat the CPU's SDPA kernel there)
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
@@ -631,6 +633,10 @@ class TokenMixing(nn.Module):
             x = attn @ v
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
+
+    @torch.jit.ignore
+    def _bf16_cpu_inference(self, x: torch.Tensor) -> bool:
+        return _cpu_bf16_autocast_inference(x, self)
 
 
 class ChannelAttention(nn.Module):
