@@ -49,13 +49,12 @@ class Linear(nn.Linear):
 
     @torch.jit.ignore
     def _fast_path_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
-        """The dtype of the oneDNN product for ``x``, or None where ``F.linear`` runs. (``x`` is checked first: under
-        FX tracing it and the parameters are proxies, which must not reach a Python condition.)"""
-        if not _MKLDNN_LINEAR or not _plain_eager(x) or self.bias is None or self.weight.dtype != torch.float32:
+        """The dtype of the oneDNN product for ``x``, or None where ``F.linear`` runs: bfloat16 only without
+        autograd. (``x`` is checked before the parameters: under FX tracing both are proxies.)"""
+        dtype = _cpu_fast_path_dtype(x) if _MKLDNN_LINEAR and self.bias is not None else None
+        if dtype is None or self.weight.dtype != torch.float32:
             return None
-        if _cpu_float32_eager(x):
-            return torch.float32
-        return torch.bfloat16 if _cpu_bf16_autocast_inference(x, self) else None
+        return dtype if dtype == torch.float32 or not _needs_autograd(x, self) else None
 
 
 class OneDnnLinear(torch.autograd.Function):
@@ -91,16 +90,17 @@ def _plain_eager(x: torch.Tensor) -> bool:
     )
 
 
-def _cpu_float32_eager(x: torch.Tensor) -> bool:
-    """True when the oneDNN fast paths may take ``x``: a plain eager float32 CPU tensor, autocast off (autocast's bf16
-    products go through the reference operations). Checked before anything else reads ``x``: under FX tracing it is a
-    proxy, which must not reach a Python condition."""
-    return (
-        _plain_eager(x)
-        and x.device.type == 'cpu'
-        and x.dtype == torch.float32
-        and not torch.is_autocast_enabled('cpu')
-    )
+def _cpu_fast_path_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype the CPU fast paths compute ``x`` in: float32 for a plain eager float32 CPU tensor without autocast,
+    bfloat16 for a plain eager float32 or bfloat16 CPU tensor under CPU autocast to bfloat16; None otherwise (other
+    devices, dtypes or autocast; tracing, compiling, exporting, transforms). Checked before anything else reads ``x``:
+    under FX tracing it is a proxy, which must not reach a Python condition."""
+    if not _plain_eager(x) or x.device.type != 'cpu':
+        return None
+    if not torch.is_autocast_enabled('cpu'):
+        return torch.float32 if x.dtype == torch.float32 else None
+    autocast_bf16 = torch.get_autocast_dtype('cpu') == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+    return torch.bfloat16 if autocast_bf16 else None
 
 
 def _needs_autograd(x: torch.Tensor, module: nn.Module) -> bool:
@@ -108,28 +108,12 @@ def _needs_autograd(x: torch.Tensor, module: nn.Module) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
-def _cpu_bf16_autocast_inference(x: torch.Tensor, module: nn.Module) -> bool:
-    """True when the bfloat16 fast paths may take ``x``: a plain eager float32 or bfloat16 CPU tensor under CPU autocast
-    to bfloat16, without autograd. Checked before anything else reads ``x`` (see ``_cpu_float32_eager``)."""
-    return (
-        _plain_eager(x)
-        and x.device.type == 'cpu'
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and torch.is_autocast_enabled('cpu')
-        and torch.get_autocast_dtype('cpu') == torch.bfloat16
-        and not _needs_autograd(x, module)
-    )
-
-
 def onednn_inference(x: torch.Tensor, module: nn.Module) -> Optional[torch.dtype]:
     """The dtype ``module``'s oneDNN inference path computes in for ``x``, or None where the reference path runs:
     float32 for plain eager float32 on the CPU without autocast, bfloat16 under CPU autocast to bfloat16 (``x`` is cast
     to it); eval mode and no autograd in both."""
-    if not _MKLDNN_CONV or module.training:
-        return None
-    if _cpu_float32_eager(x) and not _needs_autograd(x, module):
-        return torch.float32
-    return torch.bfloat16 if _cpu_bf16_autocast_inference(x, module) else None
+    dtype = _cpu_fast_path_dtype(x) if _MKLDNN_CONV and not module.training else None
+    return None if dtype is None or _needs_autograd(x, module) else dtype
 
 
 def onednn_conv(
@@ -639,7 +623,7 @@ class TokenMixing(nn.Module):
     @torch.jit.ignore
     def _bf16_cpu_inference(self, x: torch.Tensor) -> bool:
         """True under CPU autocast to bfloat16 without autograd (explicit attention then)."""
-        return _cpu_bf16_autocast_inference(x, self)
+        return _cpu_fast_path_dtype(x) == torch.bfloat16 and not _needs_autograd(x, self)
 
 
 class ChannelAttention(nn.Module):
