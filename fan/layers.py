@@ -20,9 +20,10 @@ from torch.jit import Final
 from timm.layers import DropPath, LayerNorm, Mlp, trunc_normal_, use_fused_attn
 
 __all__ = [
-    'Linear', 'OneDnnLinear', 'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'ChannelAttention', 'SeMlp', 'FanBlock',
+    'Linear', 'OneDnnLinear', 'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'HeadwiseAttention', 'ChannelAttention',
+    'SeMlp', 'FanBlock',
     'OverlapPatchEmbed', 'tokens_to_map', 'map_to_tokens', 'run_in_batch_chunks', 'TokenChunkedMlp',
-    'onednn_inference', 'onednn_conv', 'batch_norm_scale_shift', 'raise_malloc_thresholds',
+    'onednn_inference', 'onednn_conv', 'bf16_inference_input', 'batch_norm_scale_shift', 'raise_malloc_thresholds',
 ]
 
 
@@ -106,6 +107,14 @@ def _cpu_fast_path_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
 def _needs_autograd(x: torch.Tensor, module: nn.Module) -> bool:
     """True when autograd records the module's computation on ``x``: grad mode on, and ``x`` or a parameter needs it."""
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def bf16_inference_input(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """x cast to bfloat16 under CPU autocast to bfloat16 without autograd, else x: one cast for a module that hands x
+    to several products, each of which would cast it again."""
+    if _cpu_fast_path_dtype(x) == torch.bfloat16 and not _needs_autograd(x, module):
+        return x.to(torch.bfloat16)
+    return x
 
 
 def onednn_inference(x: torch.Tensor, module: nn.Module) -> Optional[torch.dtype]:
@@ -345,16 +354,16 @@ class DepthwiseConvMixer(nn.Module):
             H: int,
             W: int,
             scale: Optional[torch.Tensor] = None,
-            residual: Optional[torch.Tensor] = None,
+            add_input: bool = False,
     ) -> torch.Tensor:
         """Tokens (B, N, C) -> (B, N, C); ``scale`` (C,) multiplies the output channels, folded into conv2's weights
-        so that training does not keep the unscaled output for the gradient of ``scale``; ``residual`` (B, N, C) is
-        added to the output, in place on conv2's output map (whose gradient needs neither), not on the token view of
-        it, which autograd would have to rebuild in the backward pass (copying the whole gradient twice). In CPU
-        inference conv2 adds its output to ``residual`` in place instead: the residual's memory is overwritten.
+        so that training does not keep the unscaled output for the gradient of ``scale``; with ``add_input`` the
+        output is x + scale * mixer(x), the sum taken in place on conv2's output map (whose gradient needs neither),
+        not on the token view of it, which autograd would have to rebuild in the backward pass (copying the whole
+        gradient twice). In CPU inference conv2 adds its output to x in place instead: x's memory is overwritten.
 
         Two eager-mode paths give the same values as the reference computation with fewer passes over memory: CPU
-        inference (float32, or bfloat16 under autocast) runs two oneDNN convolutions with GELU, norm and residual
+        inference (float32, or bfloat16 under autocast) runs two oneDNN convolutions with GELU, norm and the sum
         folded in (``_inference``); in training, the GELU and norm outputs are recomputed in the backward pass
         instead of kept (``ConvGeluNormConv``)."""
         w2, b2 = self.conv2.weight, self.conv2.bias
@@ -362,18 +371,14 @@ class DepthwiseConvMixer(nn.Module):
             w2 = w2 * scale[:, None, None, None]
             b2 = b2 * scale if b2 is not None else None
         x = tokens_to_map(x, H, W)
-        residual = tokens_to_map(residual, H, W) if residual is not None else None
-        if torch.jit.is_scripting():
-            x = self._reference(x, w2, b2)
-        else:
+        if not torch.jit.is_scripting():
             inference_dtype = self._inference_dtype(x)
             if inference_dtype is not None:
-                residual = residual.to(inference_dtype) if residual is not None else None
-                return map_to_tokens(self._inference(x.to(inference_dtype), w2, b2, residual))
-            x = self._recompute(x, w2, b2) if self._recomputes(x) else self._reference(x, w2, b2)
-        if residual is not None:
-            x = x.add_(residual)
-        return map_to_tokens(x)
+                return map_to_tokens(self._inference(x.to(inference_dtype), w2, b2, add_input))
+            if self._recomputes(x):
+                return map_to_tokens(self._recompute(x, w2, b2, add_input))
+        out = self._reference(x, w2, b2)
+        return map_to_tokens(out.add_(x) if add_input else out)
 
     @torch.jit.ignore
     def _inference_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
@@ -389,9 +394,10 @@ class DepthwiseConvMixer(nn.Module):
                 and not torch.is_autocast_enabled(x.device.type))
 
     @torch.jit.ignore
-    def _recompute(self, x: torch.Tensor, w2: torch.Tensor, b2: Optional[torch.Tensor]) -> torch.Tensor:
+    def _recompute(
+            self, x: torch.Tensor, w2: torch.Tensor, b2: Optional[torch.Tensor], add_input: bool) -> torch.Tensor:
         conv1, bn = self.conv1, self.bn
-        return ConvGeluNormConv.apply(x, conv1.weight, conv1.bias, bn.weight, bn.bias, w2, b2, self)
+        return ConvGeluNormConv.apply(x, conv1.weight, conv1.bias, bn.weight, bn.bias, w2, b2, self, add_input)
 
     def _reference(self, x: torch.Tensor, w2: torch.Tensor, b2: Optional[torch.Tensor]) -> torch.Tensor:
         x = self.bn(self.act(self.conv1(x)))
@@ -403,10 +409,10 @@ class DepthwiseConvMixer(nn.Module):
             x: torch.Tensor,
             w2: torch.Tensor,
             b2: Optional[torch.Tensor],
-            residual: Optional[torch.Tensor],
+            add_input: bool,
     ) -> torch.Tensor:
         """The reference computation in two oneDNN convolutions: conv1 with the GELU in its epilogue, then conv2
-        with the eval-mode BatchNorm folded in, its output added in place to the residual map (B, C, H, W) if given.
+        with the eval-mode BatchNorm folded in, its output added in place to x (B, C, H, W) with ``add_input``.
         Computes in ``x``'s dtype (bfloat16 under autocast: the folded weights are rounded to it after folding).
 
         conv2(bn(a)) = conv2'(a) for the weights scaled by the norm's factor and a bias that adds the norm's shift
@@ -416,9 +422,11 @@ class DepthwiseConvMixer(nn.Module):
         shift_taps = w2[:, 0] * shift[:, None, None]  # (C, 3, 3): each tap's share of the shift
         bias = shift_taps.sum((1, 2)) if b2 is None else b2 + shift_taps.sum((1, 2))
         a = onednn_conv(x, self.conv1, self.conv1.weight, self.conv1.bias, gelu=self.act)
-        if residual is not None and not residual.is_contiguous(memory_format=torch.channels_last):
-            residual = residual.contiguous(memory_format=torch.channels_last)  # the layout of conv2's output
-        x = onednn_conv(a, self.conv2, w2 * scale[:, None, None, None], bias, add_to=residual)
+        add_to = None
+        if add_input:  # (x is no longer needed: conv2 reads a)
+            add_to = x if x.is_contiguous(memory_format=torch.channels_last) else x.contiguous(
+                memory_format=torch.channels_last)  # the layout of conv2's output
+        x = onednn_conv(a, self.conv2, w2 * scale[:, None, None, None], bias, add_to=add_to)
         _remove_padding_taps(x, shift_taps)
         return x
 
@@ -433,7 +441,7 @@ def _remove_padding_taps(out: torch.Tensor, taps: torch.Tensor) -> None:
     rows = taps.sum(2).t().contiguous().to(out.dtype)  # (3, C): sums over kernel rows
     cols = taps.sum(1).t().contiguous().to(out.dtype)  # (3, C): over kernel columns
     corners = taps.permute(1, 2, 0).contiguous().to(out.dtype)  # (3, 3, C)
-    pixels = out.permute(0, 2, 3, 1)
+    pixels = _nhwc(out)
     pixels[:, 0].sub_(rows[0])
     pixels[:, -1].sub_(rows[2])
     pixels[:, :, 0].sub_(cols[0])
@@ -452,22 +460,24 @@ class ConvGeluNormConv(torch.autograd.Function):
     threshold (32 MiB) is fresh memory to page in, which costs more than the arithmetic on it. Each depthwise conv's
     input gradient is the forward conv of its output gradient with the kernel flipped (``_conv_input_grad``). Same
     values and gradients as autograd on the reference ops; the running statistics are updated once, as
-    ``nn.BatchNorm2d`` does."""
+    ``nn.BatchNorm2d`` does. With ``add_input`` the output is x + the mixer's output, and x's gradient takes the output
+    gradient in place (instead of autograd summing the two gradient maps into a new one)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, bn_weight, bn_bias, w2, b2, mixer: 'DepthwiseConvMixer') -> torch.Tensor:
+    def forward(ctx, x, w1, b1, bn_weight, bn_bias, w2, b2, mixer: 'DepthwiseConvMixer', add_input: bool):
         bn = mixer.bn
         bn.num_batches_tracked.add_(1)
         momentum = 1. / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum  # None: plain average
         y = F.conv2d(x, w1, b1, padding=mixer.padding, groups=x.shape[1])
-        a = F.gelu(y, approximate=mixer.act.approximate)
+        a = _nhwc(F.gelu(_nhwc(y), approximate=mixer.act.approximate), inverse=True)
         # in place: training BatchNorm reads all of its input for the statistics before it writes any output
         normed, mean, invstd = torch.ops.aten.native_batch_norm.out(
             a, bn_weight, bn_bias, bn.running_mean, bn.running_var, True, momentum, bn.eps,
             out=a, save_mean=y.new_empty(0), save_invstd=y.new_empty(0))
-        ctx.mixer = mixer
+        ctx.mixer, ctx.add_input = mixer, add_input
         ctx.save_for_backward(x, y, w1, bn_weight, bn_bias, w2, mean, invstd)
-        return F.conv2d(normed, w2, b2, padding=mixer.padding, groups=y.shape[1])
+        out = F.conv2d(normed, w2, b2, padding=mixer.padding, groups=y.shape[1])
+        return out.add_(x) if add_input else out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -480,39 +490,50 @@ class ConvGeluNormConv(torch.autograd.Function):
         approximate = mixer.act.approximate
         conv = ([C], [1, 1], [mixer.padding] * 2, [1, 1], False, [0, 0], C)  # the depthwise convs' geometry
 
-        def per_channel(v: torch.Tensor) -> torch.Tensor:
-            return v[:, None, None]
-
         scale = invstd if bn_weight is None else invstd * bn_weight  # the norm's per-channel factor
-        a = F.gelu(y, approximate=approximate)
+        # element-wise passes on (B, H, W, C) views (``_nhwc``), with per-channel operands (C,)
+        a = F.gelu(_nhwc(y), approximate=approximate)
         grad_x = grad_w1 = grad_b1 = grad_bn_weight = grad_bn_bias = grad_w2 = grad_b2 = None
         if need_y or need_bn_weight or need_bn_bias:
             grad_normed = _conv_input_grad(grad_out, w2, mixer.padding)
             # per channel: sum of g * xhat (the norm weight's gradient) and of g (the bias'), xhat = (a - mean) * invstd
             _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-                grad_normed, a, bn_weight, None, None, mean, invstd, True, mixer.bn.eps, [False, True, True])
+                grad_normed, _nhwc(a, inverse=True), bn_weight, None, None, mean, invstd, True, mixer.bn.eps,
+                [False, True, True])
             grad_bn_weight = sum_g_xhat if need_bn_weight else None
             grad_bn_bias = sum_g if need_bn_bias else None
             if need_y:
                 # grad_a = scale * (g - mean(g) - xhat * mean(g * xhat)), in grad_normed's memory
                 n = y.numel() // C
-                grad_a = grad_normed.mul_(per_channel(scale))
-                grad_a.addcmul_(a, per_channel(-scale * invstd * sum_g_xhat / n))
-                grad_a.add_(per_channel(scale * (invstd * mean * sum_g_xhat - sum_g) / n))
-                grad_y = torch.ops.aten.gelu_backward.grad_input(grad_a, y, approximate=approximate, grad_input=grad_a)
+                grad_a = _nhwc(grad_normed).mul_(scale)
+                grad_a.addcmul_(a, -scale * invstd * sum_g_xhat / n)
+                grad_a.add_(scale * (invstd * mean * sum_g_xhat - sum_g) / n)
+                grad_y = torch.ops.aten.gelu_backward.grad_input(
+                    grad_a, _nhwc(y), approximate=approximate, grad_input=grad_a)
+                grad_y = _nhwc(grad_y, inverse=True)
                 if need_x:
                     grad_x = _conv_input_grad(grad_y, w1, mixer.padding)
+                    if ctx.add_input:
+                        grad_x.add_(grad_out)
                 if need_w1 or need_b1:
                     _, grad_w1, grad_b1 = torch.ops.aten.convolution_backward(
                         grad_y, x, w1, *conv, [False, need_w1, need_b1])
         if need_w2:  # conv2's weight gradient reads its input, the norm output: rebuilt from a in place
             shift = -mean * scale if bn_bias is None else bn_bias - mean * scale
-            normed = torch.addcmul(per_channel(shift), a, per_channel(scale), out=a)
+            normed = _nhwc(torch.addcmul(shift, a, scale, out=a), inverse=True)
             _, grad_w2, grad_b2 = torch.ops.aten.convolution_backward(
                 grad_out, normed, w2, *conv, [False, True, need_b2])
         elif need_b2:
             grad_b2 = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w1, grad_b1, grad_bn_weight, grad_bn_bias, grad_w2, grad_b2, None
+        return grad_x, grad_w1, grad_b1, grad_bn_weight, grad_bn_bias, grad_w2, grad_b2, None, None
+
+
+def _nhwc(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """The (B, H, W, C) view of a map x (B, C, H, W), or with ``inverse`` the other way. For a channels-last map the
+    view is contiguous: element-wise passes over it take the contiguous loop (GELU on the (B, C, H, W) view of a
+    channels-last 16 x 768 x 14 x 14 map: 0.85-1.06 ms, on this view 0.57 ms, 2 cores) and per-channel operands (C,)
+    broadcast along the contiguous dim."""
+    return x.permute(0, 3, 1, 2) if inverse else x.permute(0, 2, 3, 1)
 
 
 def _conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, padding: int) -> torch.Tensor:
@@ -553,7 +574,7 @@ class DwConvMlp(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         x = self.fc1(x)
         if self.residual and not (self.training and self.drop.p > 0):
-            mixed = self.dwconv(x, H, W, scale=self.gamma, residual=x)  # x + gamma * mixer(x), added in place
+            mixed = self.dwconv(x, H, W, scale=self.gamma, add_input=True)  # x + gamma * mixer(x), added in place
         else:
             mixed = self.drop(self.dwconv(x, H, W, scale=self.gamma))
             if self.residual:
@@ -573,13 +594,73 @@ def _init_mlp_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+class HeadwiseAttention(torch.autograd.Function):
+    """Softmax attention, q (B, N, C) against keys and values kv (B, N, 2C) (the ``kv`` projection: keys then values,
+    each head's d channels together) -> (B, N, C), scale d^-0.5. Head by head on strided views of the projections, so
+    that neither direction copies them into a (B, h, N, d) layout; with autograd the attention probabilities (B, N, N)
+    per head are kept for the backward pass, which then takes four products per head instead of the five of a
+    flash-attention backward that recomputes them. On 2 CPU cores (Zen 4, float32) a FAN-T layer's attention took
+    13.6-14.0 ms forward and backward against 17.1-19.4 ms for SDPA; from about 784 tokens on SDPA is faster
+    (``HEADWISE_TRAINING_MAX_TOKENS``). Without autograd one probability buffer serves every head."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, kv: torch.Tensor, num_heads: int) -> torch.Tensor:
+        B, N, C = q.shape
+        d = C // num_heads
+        keep = any(ctx.needs_input_grad[:2])
+        logits_in = q.new_empty(1, 1, 1).expand(B, N, N)  # baddbmm's added input, ignored with beta 0
+        out, probs = torch.empty_like(q), []
+        p = None
+        for i in range(num_heads):
+            k, v = _head(kv, i, d), _head(kv, num_heads + i, d)
+            p = torch.baddbmm(logits_in, _head(q, i, d), k.transpose(1, 2), beta=0, alpha=d ** -0.5,
+                              out=None if keep or p is None else p)
+            torch.ops.aten._softmax.out(p, -1, False, out=p)  # in place, row by row
+            _head(out, i, d).copy_(torch.bmm(p, v))
+            if keep:
+                probs.append(p)
+        ctx.num_heads = num_heads
+        ctx.save_for_backward(q, kv, *probs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, kv, *probs = ctx.saved_tensors
+        h = ctx.num_heads
+        d = q.shape[-1] // h
+        need_q, need_kv = ctx.needs_input_grad[:2]
+        grad_q = torch.empty_like(q) if need_q else None
+        grad_kv = torch.empty_like(kv) if need_kv else None
+        for i, p in enumerate(probs):
+            g = _head(grad_out, i, d)
+            if need_kv:
+                _head(grad_kv, h + i, d).copy_(torch.bmm(p.transpose(1, 2), g))  # values: p^T g
+            grad_logits = torch.bmm(g, _head(kv, h + i, d).transpose(1, 2))  # g v^T, then through the softmax:
+            torch.ops.aten._softmax_backward_data.out(grad_logits, p, -1, p.dtype, grad_input=grad_logits)
+            if need_q:
+                torch.mul(torch.bmm(grad_logits, _head(kv, i, d)), d ** -0.5, out=_head(grad_q, i, d))
+            if need_kv:
+                torch.mul(torch.bmm(grad_logits.transpose(1, 2), _head(q, i, d)), d ** -0.5, out=_head(grad_kv, i, d))
+        return grad_q, grad_kv, None
+
+
+def _head(x: torch.Tensor, i: int, d: int) -> torch.Tensor:
+    """The i-th group of d channels of x (B, N, *): a (B, N, d) strided view."""
+    return x[..., i * d:(i + 1) * d]
+
+
+HEADWISE_TRAINING_MAX_TOKENS = 576  # CPU float32 training: HeadwiseAttention measured faster than SDPA up to here
+
+
 class TokenMixing(nn.Module):
     """Global multi-head self-attention over the tokens (B, N, C) -> (B, N, C).
 
     Separate ``q`` and ``kv`` projections (the checkpoint layout), scale d^-0.5, output projection with bias.
     Uses ``F.scaled_dot_product_attention`` unless timm's fused attention is switched off (``TIMM_FUSED_ATTN=0`` or
-    ``timm.layers.set_fused_attn(False)`` before the model is built), which FLOP counters need to see the matmuls, or
-    the CPU runs bfloat16 autocast inference, where the explicit bfloat16 matmuls measured 1.5-1.8x faster than SDPA.
+    ``timm.layers.set_fused_attn(False)`` before the model is built), which FLOP counters need to see the matmuls.
+    On the CPU two cases take ``HeadwiseAttention`` instead: float32 training without attention dropout on at most
+    ``HEADWISE_TRAINING_MAX_TOKENS`` tokens (it keeps the probabilities rather than recomputing them), and bfloat16
+    autocast inference, where its bfloat16 products measured 1.5-1.8x faster than SDPA.
     """
     fused_attn: Final[bool]
 
@@ -608,12 +689,16 @@ class TokenMixing(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, N, d)
-        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        sdpa = self.fused_attn if torch.jit.is_scripting() else self.fused_attn and not self._bf16_cpu_inference(q)
-        if sdpa:
+        if not torch.jit.is_scripting():
+            x = bf16_inference_input(x, self)
+        q, kv = self.q(x), self.kv(x)  # (B, N, C), (B, N, 2C)
+        if not torch.jit.is_scripting() and self._headwise(q):
+            return self.proj_drop(self.proj(HeadwiseAttention.apply(q, kv, self.num_heads)))
+        q = q.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, N, d)
+        k, v = kv.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
-        else:  # (also CPU bfloat16 inference: bfloat16 products beat the CPU's SDPA kernel there)
+        else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
             attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v
@@ -621,9 +706,13 @@ class TokenMixing(nn.Module):
         return self.proj_drop(self.proj(x))
 
     @torch.jit.ignore
-    def _bf16_cpu_inference(self, x: torch.Tensor) -> bool:
-        """True under CPU autocast to bfloat16 without autograd (explicit attention then)."""
-        return _cpu_fast_path_dtype(x) == torch.bfloat16 and not _needs_autograd(x, self)
+    def _headwise(self, q: torch.Tensor) -> bool:
+        """True where ``HeadwiseAttention`` runs for the projected queries q (B, N, C) (see the class docstring)."""
+        dtype = _cpu_fast_path_dtype(q) if self.fused_attn else None
+        if dtype == torch.bfloat16:
+            return not q.requires_grad
+        no_dropout = self.attn_drop.p == 0 or not self.training
+        return dtype == torch.float32 and q.requires_grad and no_dropout and q.shape[1] <= HEADWISE_TRAINING_MAX_TOKENS
 
 
 class ChannelAttention(nn.Module):
@@ -675,6 +764,8 @@ class ChannelAttention(nn.Module):
         return self.attn_drop(gate).reshape(B, C)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            x = bf16_inference_input(x, self)  # (for q, the key softmax and fc1)
         gate = self.channel_gate(x)
         v = self.norm_v(self.mlp_v(x, H, W))
         return v * gate.unsqueeze(1)

@@ -141,20 +141,22 @@ def tokens():
     return torch.randn(2, H * W, C)
 
 
+@pytest.mark.parametrize('add_input', [True, False], ids=['plus-input', 'mixer-only'])
 @pytest.mark.parametrize('grid', [(H, W), (1, 1), (1, 4), (3, 2)], ids=lambda g: f'{g[0]}x{g[1]}')
 @pytest.mark.parametrize('autograd', [True, False], ids=['reference', 'onednn-inference'])
-def test_depthwise_conv_mixer(autograd, grid):
-    """Values with a per-channel output scale and a residual. Without autograd, CPU inference folds the BatchNorm
-    into conv2 and takes back the shift's taps on the zero padding: grids of one row or column have every border."""
+def test_depthwise_conv_mixer(autograd, grid, add_input):
+    """Values with a per-channel output scale, with and without the input added. Without autograd, CPU inference
+    folds the BatchNorm into conv2 and takes back the shift's taps on the zero padding: grids of one row or column
+    have every border."""
     mixer = randomize(DepthwiseConvMixer(C))
     rows, cols = grid
-    tokens, residual, scale = torch.randn(2, rows * cols, C), torch.randn(2, rows * cols, C), torch.randn(C)
+    tokens, scale = torch.randn(2, rows * cols, C), torch.randn(C)
     with torch.set_grad_enabled(autograd):
-        out = mixer(tokens, rows, cols, scale=scale, residual=residual.clone())  # inference adds to it in place
+        out = mixer(tokens.clone(), rows, cols, scale=scale, add_input=add_input)  # inference adds to it in place
         assert mixer._inference_dtype(tokens) == (torch.float32 if fan.layers._MKLDNN_CONV and not autograd else None)
     for b in range(2):
-        expected = residual[b] + scale * naive_mixer(tokens[b], mixer, rows, cols)
-        torch.testing.assert_close(out[b], expected, atol=ATOL, rtol=ATOL)
+        expected = scale * naive_mixer(tokens[b], mixer, rows, cols)
+        torch.testing.assert_close(out[b], tokens[b] + expected if add_input else expected, atol=ATOL, rtol=ATOL)
 
 
 def autograd_nodes(root) -> set:
@@ -186,11 +188,13 @@ def naive_mixer_train(tokens, mixer, H, W, scale):
     ids=['all-trained', 'frozen-norm-and-conv2', 'frozen-input-side'])
 @pytest.mark.parametrize('momentum', [0.1, None])
 @pytest.mark.parametrize('grid', [(H, W), (1, 4), (3, 2)], ids=lambda g: f'{g[0]}x{g[1]}')
-def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(frozen, momentum, grid):
+@pytest.mark.parametrize('add_input', [True, False], ids=['plus-input', 'mixer-only'])
+def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(frozen, momentum, grid, add_input):
     """Training keeps only conv1's input and output, recomputes GELU and norm in the backward pass, reusing its maps
     in place, and takes the convs' input gradients as convs with flipped kernels: outputs, every gradient asked for
     and the running statistics (updated once; momentum None is the plain average) must equal plain autograd on the
-    formula, also when only some inputs need gradients, and on grids of one row (every pixel on a border)."""
+    formula, also when only some inputs need gradients, on grids of one row (every pixel on a border), and with the
+    input added to the output (its gradient taking the output gradient in place)."""
     H, W = grid
     tokens = torch.randn(2, H * W, C)
     mixer = randomize(DepthwiseConvMixer(C)).train()
@@ -200,8 +204,9 @@ def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(
     scale = torch.randn(C, requires_grad=True)
     running_mean, running_var = mixer.bn.running_mean.clone(), mixer.bn.running_var.clone()
     x = tokens.clone().requires_grad_('input' not in frozen)
-    out = mixer(x, H, W, scale=scale)
+    out = mixer(x, H, W, scale=scale, add_input=add_input)
     assert 'ConvGeluNormConvBackward' in autograd_nodes(out.grad_fn)
+    assert 'AddBackward0' not in autograd_nodes(out.grad_fn)  # (the input's gradient is not summed by autograd)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     params = [mixer.conv1.weight, mixer.conv1.bias, mixer.bn.weight, mixer.bn.bias, mixer.conv2.weight,
@@ -213,6 +218,8 @@ def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(
     for p in params:
         p.grad = None
     expected, batch_mean, batch_var = naive_mixer_train(x_ref, mixer, H, W, scale_ref)
+    if add_input:
+        expected = expected + x_ref
     expected.backward(grad_out)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
     for got, want in zip(ours, [x_ref.grad, scale_ref.grad] + [p.grad for p in params]):
@@ -271,6 +278,40 @@ def test_token_mixing(tokens, fused):
     out = attn(tokens)
     for b in range(2):
         torch.testing.assert_close(out[b], naive_attention(tokens[b], attn), atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize('frozen', [(), ('input',), ('q.weight', 'q.bias', 'kv.weight', 'kv.bias')],
+                         ids=['all-trained', 'frozen-input', 'frozen-q-and-kv'])
+def test_token_mixing_training_keeps_the_probabilities_with_the_formula_gradients(frozen):
+    """CPU float32 training takes HeadwiseAttention (probabilities kept, head by head on strided views): outputs and
+    every gradient asked for equal autograd on the formula; above HEADWISE_TRAINING_MAX_TOKENS, or with attention
+    dropout, SDPA runs."""
+    attn = randomize(TokenMixing(C, num_heads=HEADS)).train()
+    for name, p in attn.named_parameters():
+        p.requires_grad_(name not in frozen)
+    tokens = torch.randn(2, 7, C)
+    x = tokens.clone().requires_grad_('input' not in frozen)
+    out = attn(x)
+    if fan.layers._MKLDNN_LINEAR:
+        assert 'HeadwiseAttentionBackward' in autograd_nodes(out.grad_fn)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    params = list(attn.parameters())
+    ours = [x.grad] + [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    x_ref = tokens.clone().requires_grad_('input' not in frozen)
+    expected = torch.stack([naive_attention(x_ref[b], attn) for b in range(2)])
+    expected.backward(grad_out)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
+    for got, want in zip(ours, [x_ref.grad] + [p.grad for p in params]):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    long_queries = torch.randn(1, fan.layers.HEADWISE_TRAINING_MAX_TOKENS + 1, C, requires_grad=True)
+    assert not attn._headwise(long_queries)
+    attn.attn_drop.p = 0.1
+    assert not attn._headwise(long_queries[:, :7])
 
 
 @pytest.mark.parametrize('residual', [True, False])
@@ -362,12 +403,15 @@ def assert_close_in_bf16(got: torch.Tensor, want: torch.Tensor) -> None:
 @pytest.mark.parametrize('grid', [(H, W), (1, 4)], ids=lambda g: f'{g[0]}x{g[1]}')
 def test_bf16_autocast_inference_paths_match_the_formula(grid, monkeypatch):
     """Under CPU autocast to bfloat16 without autograd, Linear, the depthwise mixer (folded norm, padding taps taken
-    back in bfloat16), token attention (explicit bfloat16 matmuls instead of SDPA) and the conv stem run their bfloat16
-    paths; their values are those of the float32 formula to bfloat16 rounding."""
+    back in bfloat16), token attention (explicit bfloat16 matmuls head by head instead of SDPA), channel attention
+    (its input cast once) and the conv stem run their bfloat16 paths; their values are those of the float32 formula to
+    bfloat16 rounding."""
     rows, cols = grid
-    tokens, residual, scale = torch.randn(2, rows * cols, C), torch.randn(2, rows * cols, C), torch.randn(C)
+    tokens, scale = torch.randn(2, rows * cols, C), torch.randn(C)
     layer, mixer = randomize(Linear(C, 24)), randomize(DepthwiseConvMixer(C))
-    attn, stem = randomize(TokenMixing(C, num_heads=HEADS)), randomize(ConvStem(patch_size=16, in_chans=3, embed_dim=32))
+    attn = randomize(TokenMixing(C, num_heads=HEADS))
+    channel_attn = randomize(ChannelAttention(C, num_heads=HEADS, mlp_ratio=2.))
+    stem = randomize(ConvStem(patch_size=16, in_chans=3, embed_dim=32))
     images = torch.randn(2, 3, 48, 32)
 
     def no_sdpa(*args, **kwargs):
@@ -379,13 +423,16 @@ def test_bf16_autocast_inference_paths_match_the_formula(grid, monkeypatch):
             assert layer._fast_path_dtype(tokens) == torch.bfloat16
         if fan.layers._MKLDNN_CONV:
             assert mixer._inference_dtype(tokens) == torch.bfloat16
-        got = [layer(tokens), mixer(tokens, rows, cols, scale=scale, residual=residual.clone()), attn(tokens)]
+        got = [layer(tokens), mixer(tokens.clone(), rows, cols, scale=scale, add_input=True), attn(tokens),
+               channel_attn(tokens, rows, cols)]
         stem_tokens, _ = stem(images)
     monkeypatch.undo()
     for b in range(2):
         assert_close_in_bf16(got[0][b], linear(tokens[b], layer))
-        assert_close_in_bf16(got[1][b], residual[b] + scale * naive_mixer(tokens[b], mixer, rows, cols))
+        assert_close_in_bf16(got[1][b], tokens[b] + scale * naive_mixer(tokens[b], mixer, rows, cols))
         assert_close_in_bf16(got[2][b], naive_attention(tokens[b], attn))
+        # (float32 out: the float32 temperature promotes the gate)
+        assert_close_in_bf16(got[3][b].bfloat16(), naive_channel_attention(tokens[b], channel_attn, rows, cols))
     with torch.no_grad():
         assert_close_in_bf16(stem_tokens, stem(images)[0])
 
