@@ -107,30 +107,37 @@ def naive_attention(tokens, attn):
 
 
 @pytest.mark.parametrize('frozen', [(), ('weight',), ('input',)], ids=['all-trained', 'frozen-weight', 'frozen-input'])
-def test_linear_fast_paths_match_the_formula(frozen):
+@pytest.mark.parametrize('features', [(16, 24), (24, 16)], ids=['widening', 'narrowing'])
+def test_linear_fast_paths_match_the_formula(frozen, features):
     """fan's Linear (oneDNN's product with the bias in its epilogue on the CPU): inference values, and in training
-    the values and every gradient asked for, against x @ W.T + b."""
-    layer = randomize(Linear(16, 24))
-    tokens = torch.randn(2, 7, 16)
+    the values and every gradient asked for, against x @ W.T + b, and with an output scale s (folded into the
+    weights) against (x @ W.T + b) * s; the weight gradient is taken in either orientation."""
+    layer = randomize(Linear(*features))
+    tokens, out_scale = torch.randn(2, 7, features[0]), torch.randn(features[1])
     with torch.no_grad():
         torch.testing.assert_close(layer(tokens), linear(tokens, layer), atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(layer(tokens, out_scale), linear(tokens, layer) * out_scale, atol=ATOL, rtol=ATOL)
     layer.weight.requires_grad_('weight' not in frozen)
-    x = tokens.clone().requires_grad_('input' not in frozen)
-    out = layer(x)
-    if fan.layers._MKLDNN_LINEAR:
-        assert 'OneDnnLinearBackward' in autograd_nodes(out.grad_fn)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    ours = [x.grad, layer.weight.grad, layer.bias.grad]
-    layer.weight.grad = layer.bias.grad = None
-    x_ref = tokens.clone().requires_grad_('input' not in frozen)
-    expected = linear(x_ref, layer)
-    expected.backward(grad_out)
-    torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
-    for got, want in zip(ours, [x_ref.grad, layer.weight.grad, layer.bias.grad]):
-        assert (got is None) == (want is None)
-        if want is not None:
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for scale in (None, out_scale.clone().requires_grad_()):
+        x = tokens.clone().requires_grad_('input' not in frozen)
+        out = layer(x, scale)
+        if fan.layers._MKLDNN_LINEAR:
+            assert 'OneDnnLinearBackward' in autograd_nodes(out.grad_fn)
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+        ours = [x.grad, layer.weight.grad, layer.bias.grad, None if scale is None else scale.grad]
+        layer.weight.grad = layer.bias.grad = None
+        x_ref = tokens.clone().requires_grad_('input' not in frozen)
+        scale_ref = None if scale is None else out_scale.clone().requires_grad_()
+        expected = linear(x_ref, layer) if scale is None else linear(x_ref, layer) * scale_ref
+        expected.backward(grad_out)
+        torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
+        wanted = [x_ref.grad, layer.weight.grad, layer.bias.grad, None if scale is None else scale_ref.grad]
+        for got, want in zip(ours, wanted):
+            assert (got is None) == (want is None)
+            if want is not None:
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        layer.weight.grad = layer.bias.grad = None
 
 
 H, W, C, HEADS = 5, 6, 16, 4
@@ -331,14 +338,28 @@ def test_channel_gate_range(tokens):
     assert (gate > 0.5 - 1e-6).all() and (gate < 1 / (1 + math.exp(-1))).all()
 
 
-def test_fan_block(tokens):
-    block = randomize(FanBlock(C, num_heads=HEADS, mlp_layer=partial(ChannelAttention, num_heads=HEADS, mlp_ratio=2.)))
+def naive_se_mlp(tokens, mlp, H, W):
+    y = naive_dwconv_mlp(tokens, mlp.mlp_v, H, W)  # (N, C)
+    se = mlp.se
+    pooled = y.mean(0)
+    hidden = torch.relu(se.conv_reduce.weight[:, :, 0, 0] @ pooled + se.conv_reduce.bias)
+    return y * torch.sigmoid(se.conv_expand.weight[:, :, 0, 0] @ hidden + se.conv_expand.bias)
+
+
+@pytest.mark.parametrize('mixer', ['channel-attention', 'se'])
+def test_fan_block(tokens, mixer):
+    """x + gamma1 * attention(LN(x)), then + gamma2 * channel mixer(LN(x)): the layer scales are folded into the
+    attention's projection and the channel gate (SeMlp: a product), with the same values."""
+    mlp_layer = partial(ChannelAttention, num_heads=HEADS, mlp_ratio=2.) if mixer != 'se' else partial(
+        SeMlp, mlp_ratio=2.)
+    naive_mlp = naive_channel_attention if mixer != 'se' else naive_se_mlp
+    block = randomize(FanBlock(C, num_heads=HEADS, mlp_layer=mlp_layer))
     out, h, w = block(tokens, H, W)
     assert (h, w) == (H, W)
     for b in range(2):
         x = tokens[b]
         x = x + block.gamma1 * naive_attention(layer_norm(x, block.norm1, 1e-6), block.attn)
-        x = x + block.gamma2 * naive_channel_attention(layer_norm(x, block.norm2, 1e-6), block.mlp, H, W)
+        x = x + block.gamma2 * naive_mlp(layer_norm(x, block.norm2, 1e-6), block.mlp, H, W)
         torch.testing.assert_close(out[b], x, atol=ATOL, rtol=ATOL)
 
 
@@ -346,12 +367,7 @@ def test_se_mlp(tokens):
     mlp = randomize(SeMlp(C, mlp_ratio=2.))
     out = mlp(tokens, H, W)
     for b in range(2):
-        y = naive_dwconv_mlp(tokens[b], mlp.mlp_v, H, W)  # (N, C)
-        se = mlp.se
-        pooled = y.mean(0)
-        hidden = torch.relu(se.conv_reduce.weight[:, :, 0, 0] @ pooled + se.conv_reduce.bias)
-        scale = torch.sigmoid(se.conv_expand.weight[:, :, 0, 0] @ hidden + se.conv_expand.bias)
-        torch.testing.assert_close(out[b], y * scale, atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(out[b], naive_se_mlp(tokens[b], mlp, H, W), atol=ATOL, rtol=ATOL)
 
 
 def test_overlap_patch_embed(tokens):
