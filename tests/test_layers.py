@@ -278,11 +278,16 @@ def test_dwconv_mlp(tokens, residual, autograd):
         torch.testing.assert_close(out[b], naive_dwconv_mlp(tokens[b], mlp, H, W, residual), atol=ATOL, rtol=ATOL)
 
 
+@pytest.mark.parametrize('autograd', [True, False])
 @pytest.mark.parametrize('fused', [True, False])
-def test_token_mixing(tokens, fused):
+def test_token_mixing(tokens, fused, autograd):
+    """Values with SDPA or HeadwiseAttention (fused; without autograd one probability buffer for every head) and with
+    the explicit matmuls."""
     attn = randomize(TokenMixing(C, num_heads=HEADS))
     attn.fused_attn = fused
-    out = attn(tokens)
+    with torch.set_grad_enabled(autograd):
+        out = attn(tokens)
+        assert attn._headwise(torch.randn(2, H * W, C)) == fused
     for b in range(2):
         torch.testing.assert_close(out[b], naive_attention(tokens[b], attn), atol=ATOL, rtol=ATOL)
 
@@ -291,8 +296,8 @@ def test_token_mixing(tokens, fused):
                          ids=['all-trained', 'frozen-input', 'frozen-q-and-kv'])
 def test_token_mixing_training_keeps_the_probabilities_with_the_formula_gradients(frozen):
     """CPU float32 training takes HeadwiseAttention (probabilities kept, head by head on strided views): outputs and
-    every gradient asked for equal autograd on the formula; above HEADWISE_TRAINING_MAX_TOKENS, or with attention
-    dropout, SDPA runs."""
+    every gradient asked for equal autograd on the formula; above HEADWISE_MAX_TOKENS, or with attention dropout,
+    SDPA runs."""
     attn = randomize(TokenMixing(C, num_heads=HEADS)).train()
     for name, p in attn.named_parameters():
         p.requires_grad_(name not in frozen)
@@ -315,7 +320,7 @@ def test_token_mixing_training_keeps_the_probabilities_with_the_formula_gradient
         assert (got is None) == (want is None)
         if want is not None:
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    long_queries = torch.randn(1, fan.layers.HEADWISE_TRAINING_MAX_TOKENS + 1, C, requires_grad=True)
+    long_queries = torch.randn(1, fan.layers.HEADWISE_MAX_TOKENS + 1, C, requires_grad=True)
     assert not attn._headwise(long_queries)
     attn.attn_drop.p = 0.1
     assert not attn._headwise(long_queries[:, :7])
