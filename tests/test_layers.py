@@ -133,10 +133,7 @@ def test_linear_fast_paths_match_the_formula(frozen, features):
         expected.backward(grad_out)
         torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
         wanted = [x_ref.grad, layer.weight.grad, layer.bias.grad, None if scale is None else scale_ref.grad]
-        for got, want in zip(ours, wanted):
-            assert (got is None) == (want is None)
-            if want is not None:
-                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert_same_gradients(ours, wanted)
         layer.weight.grad = layer.bias.grad = None
 
 
@@ -164,6 +161,14 @@ def test_depthwise_conv_mixer(autograd, grid, add_input):
     for b in range(2):
         expected = scale * naive_mixer(tokens[b], mixer, rows, cols)
         torch.testing.assert_close(out[b], tokens[b] + expected if add_input else expected, atol=ATOL, rtol=ATOL)
+
+
+def assert_same_gradients(ours, wanted) -> None:
+    """Each gradient asked for (None where not) equals the formula's, to 1e-4."""
+    for got, want in zip(ours, wanted, strict=True):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def autograd_nodes(root) -> set:
@@ -229,10 +234,7 @@ def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(
         expected = expected + x_ref
     expected.backward(grad_out)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
-    for got, want in zip(ours, [x_ref.grad, scale_ref.grad] + [p.grad for p in params]):
-        assert (got is None) == (want is None)
-        if want is not None:
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert_same_gradients(ours, [x_ref.grad, scale_ref.grad] + [p.grad for p in params])
     factor = 1. if momentum is None else momentum  # the first batch: the plain average is the batch's statistics
     torch.testing.assert_close(mixer.bn.running_mean, (1 - factor) * running_mean + factor * batch_mean.detach())
     torch.testing.assert_close(mixer.bn.running_var, (1 - factor) * running_var + factor * batch_var.detach())
@@ -262,10 +264,7 @@ def test_token_chunked_mlp_trains_in_chunks_with_the_formula_values_and_gradient
     expected = linear(gelu(linear(x_ref, mlp.fc1)), mlp.fc2)
     expected.backward(grad_out)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
-    for got, want in zip(ours, [x_ref.grad] + [p.grad for p in params]):
-        assert (got is None) == (want is None)
-        if want is not None:
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert_same_gradients(ours, [x_ref.grad] + [p.grad for p in params])
 
 
 @pytest.mark.parametrize('autograd', [True, False], ids=['reference', 'onednn-inference'])
@@ -316,10 +315,7 @@ def test_token_mixing_training_keeps_the_probabilities_with_the_formula_gradient
     expected = torch.stack([naive_attention(x_ref[b], attn) for b in range(2)])
     expected.backward(grad_out)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
-    for got, want in zip(ours, [x_ref.grad] + [p.grad for p in params]):
-        assert (got is None) == (want is None)
-        if want is not None:
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert_same_gradients(ours, [x_ref.grad] + [p.grad for p in params])
     long_queries = torch.randn(1, fan.layers.HEADWISE_MAX_TOKENS + 1, C, requires_grad=True)
     assert not attn._headwise(long_queries)
     attn.attn_drop.p = 0.1
