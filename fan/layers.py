@@ -807,9 +807,9 @@ class SeMlp(nn.Module):
         self.se = SqueezeExcite(dim, int(dim * se_ratio), **dd)
 
     def forward(self, x: torch.Tensor, H: int, W: int, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Tokens (B, N, C) with grid (H, W) -> (B, N, C), times the per-channel ``out_scale`` (C,) if given."""
-        x = map_to_tokens(self.se(tokens_to_map(self.mlp_v(x, H, W), H, W)))
-        return x * out_scale if out_scale is not None else x
+        """Tokens (B, N, C) with grid (H, W) -> (B, N, C), times the per-channel ``out_scale`` (C,) if given (folded
+        into the squeeze-excite gate)."""
+        return map_to_tokens(self.se(tokens_to_map(self.mlp_v(x, H, W), H, W), out_scale))
 
 
 class SqueezeExcite(nn.Module):
@@ -822,9 +822,10 @@ class SqueezeExcite(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.conv_expand = nn.Conv2d(reduced_dim, dim, 1, **dd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.conv_expand(self.act(self.conv_reduce(x.mean((2, 3), keepdim=True))))
-        return x * s.sigmoid()
+    def forward(self, x: torch.Tensor, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x times its gate (B, C, 1, 1), and times the per-channel ``out_scale`` (C,) if given, in one pass."""
+        gate = self.conv_expand(self.act(self.conv_reduce(x.mean((2, 3), keepdim=True)))).sigmoid()
+        return x * (gate * out_scale[:, None, None] if out_scale is not None else gate)
 
 
 class OverlapPatchEmbed(nn.Module):
