@@ -22,7 +22,7 @@ from timm.models.swin_transformer import (
     checkpoint_filter_fn as swin_checkpoint_filter_fn,
 )
 
-from ..layers import ChannelAttention, Linear, onednn_inference, run_in_batch_chunks
+from ..layers import ChannelAttention, onednn_inference, run_in_batch_chunks, use_fan_linear
 from ._checkpoint import check_keys, unwrap_checkpoint
 
 __all__ = ['FanSwin', 'FanSwinBlock']  # model_registry will add each entrypoint fn to this
@@ -56,18 +56,6 @@ class FanSwinBlock(SwinTransformerBlock):
         x = x.reshape(B, -1, C)
         x = x + self.drop_path2(self.mlp(self.norm2(x), H, W))
         return x.reshape(B, H, W, C)
-
-
-def use_fan_linear(module: nn.Module) -> None:
-    """Replaces every plain ``nn.Linear`` with bias below ``module`` (timm's window attention and MLP layers) by
-    ``fan.layers.Linear`` holding the same parameters: the same names and values, with its CPU fast paths."""
-    for name, child in module.named_children():
-        if type(child) is nn.Linear and child.bias is not None:
-            fast = Linear(child.in_features, child.out_features, device='meta')
-            fast.weight, fast.bias = child.weight, child.bias
-            setattr(module, name, fast)
-        else:
-            use_fan_linear(child)
 
 
 class FanSwin(SwinTransformer):
