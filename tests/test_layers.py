@@ -7,13 +7,14 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+import timm.models.convnext
 from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 
 import fan.layers
 from fan.layers import (
     ChannelAttention, DepthwiseConvMixer, DwConvMlp, FanBlock, Linear, OverlapPatchEmbed, SeMlp, TokenChunkedMlp,
     TokenMixing)
-from fan.models.fan import ConvStem, LegacyLayerNorm, LegacyLayerNorm2d
+from fan.models.fan import ConvNeXtBlock, ConvStem, LegacyLayerNorm, LegacyLayerNorm2d
 
 torch.manual_seed(0)
 ATOL = 1e-5
@@ -244,27 +245,64 @@ def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(
 @pytest.mark.parametrize('frozen', [(), ('input', 'fc1.weight', 'fc1.bias'), ('fc2.weight', 'fc2.bias')],
                          ids=['all-trained', 'frozen-fc1-and-input', 'frozen-fc2'])
 def test_token_chunked_mlp_trains_in_chunks_with_the_formula_values_and_gradients(monkeypatch, frozen):
-    """fc2(GELU(fc1(x))) run in chunks of tokens (the last one shorter) in training: outputs and every gradient asked
-    for equal autograd on the formula."""
+    """out_scale * fc2(GELU(fc1(x))) run in chunks of tokens (the last one shorter) in training: outputs and every
+    gradient asked for, the scale's included, equal autograd on the formula."""
     monkeypatch.setattr(fan.layers, 'TRAINING_CHUNK_BYTES', 7 * 3 * C * 4)  # 7 tokens of 3C hidden values per chunk
     mlp = randomize(TokenChunkedMlp(C, 3 * C)).train()
     for name, p in mlp.named_parameters():
         p.requires_grad_(name not in frozen)
     tokens = torch.randn(2, 5, 6, C)  # 60 tokens: 8 chunks of 7 and one of 4
     x = tokens.clone().requires_grad_('input' not in frozen)
-    out = mlp(x)
+    scale = torch.randn(C, requires_grad=True)
+    out = mlp(x, scale)
     assert 'GeluMlpInChunksBackward' in autograd_nodes(out.grad_fn)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
-    params = [mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
+    params = [mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, scale]
     ours = [x.grad] + [p.grad for p in params]
     for p in params:
         p.grad = None
     x_ref = tokens.clone().requires_grad_('input' not in frozen)
-    expected = linear(gelu(linear(x_ref, mlp.fc1)), mlp.fc2)
+    expected = linear(gelu(linear(x_ref, mlp.fc1)), mlp.fc2) * scale
     expected.backward(grad_out)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
     assert_same_gradients(ours, [x_ref.grad] + [p.grad for p in params])
+
+
+@pytest.mark.parametrize('scaled', [True, False])
+def test_token_chunked_mlp_inference_computes_the_gelu_in_fc1(scaled):
+    """CPU inference (no autograd) with the GELU in fc1's epilogue and the scale folded into fc2: the formula's values,
+    to float32 rounding (tanh's GELU would miss them by 1e-3) and bfloat16 rounding under autocast."""
+    mlp = randomize(TokenChunkedMlp(C, 3 * C))
+    tokens, scale = torch.randn(2, 5, 6, C), torch.randn(C) if scaled else None
+    expected = linear(gelu(linear(tokens, mlp.fc1)), mlp.fc2) * (scale if scaled else 1)
+    with torch.no_grad():
+        if fan.layers._MKLDNN_LINEAR:
+            assert mlp._fused_inference_dtype(tokens) == torch.float32
+        torch.testing.assert_close(mlp(tokens, scale), expected, atol=ATOL, rtol=ATOL)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            if fan.layers._MKLDNN_LINEAR:
+                assert mlp._fused_inference_dtype(tokens) == torch.bfloat16
+            assert_close_in_bf16(mlp(tokens, scale), expected)
+    assert mlp.train()._fused_inference_dtype(tokens.requires_grad_()) is None
+
+
+@pytest.mark.parametrize('autograd', [True, False], ids=['training', 'onednn-inference'])
+def test_hybrid_convnext_block_equals_timms_block(autograd):
+    """fan's ConvNeXt block (layer scale folded into the MLP) against timm's with the same parameters: outputs and,
+    in training, every gradient."""
+    ours = randomize(ConvNeXtBlock(C, ls_init_value=1e-6, norm_layer=LegacyLayerNorm)).train(autograd)
+    timms = timm.models.convnext.ConvNeXtBlock(C, conv_mlp=False, norm_layer=LegacyLayerNorm).train(autograd)
+    timms.load_state_dict(ours.state_dict())
+    x = torch.randn(2, C, 6, 5).contiguous(memory_format=torch.channels_last)
+    with torch.set_grad_enabled(autograd):
+        got, want = ours(x.clone().requires_grad_(autograd)), timms(x)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+    if autograd:
+        grad_out = torch.randn_like(want)
+        got.backward(grad_out)
+        want.backward(grad_out)
+        assert_same_gradients([p.grad for p in ours.parameters()], [p.grad for p in timms.parameters()])
 
 
 @pytest.mark.parametrize('autograd', [True, False], ids=['reference', 'onednn-inference'])
