@@ -23,7 +23,8 @@ __all__ = [
     'Linear', 'OneDnnLinear', 'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'HeadwiseAttention', 'ChannelAttention',
     'SeMlp', 'FanBlock',
     'OverlapPatchEmbed', 'tokens_to_map', 'map_to_tokens', 'run_in_batch_chunks', 'TokenChunkedMlp',
-    'onednn_inference', 'onednn_conv', 'onednn_linear', 'use_fan_linear', 'bf16_inference_input', 'batch_norm_scale_shift', 'raise_malloc_thresholds',
+    'onednn_inference', 'onednn_conv', 'onednn_linear', 'use_fan_linear', 'bf16_inference_input',
+    'batch_norm_scale_shift', 'raise_malloc_thresholds',
 ]
 
 
@@ -717,8 +718,11 @@ class TokenMixing(nn.Module):
     ``timm.layers.set_fused_attn(False)`` before the model is built), which FLOP counters need to see the matmuls.
     On the CPU without attention dropout ``HeadwiseAttention`` runs instead in float32 training on at most
     ``HEADWISE_MAX_TOKENS`` tokens (it keeps the probabilities rather than recomputing them) and in bfloat16 autocast
-    inference, where its bfloat16 products measured 1.5-1.8x faster than SDPA. (In float32 inference it measured as
-    fast as SDPA: 1.04x FAN-T-ViT in one process, 0.97x FAN-T-Hybrid in fresh ones.)
+    inference of at least as many images as heads, where its bfloat16 products measured 1.5-1.8x faster than SDPA
+    (16 images of 4 heads; 1.1x at 4). With fewer images each of its per-head products is too small, and SDPA, which
+    spreads images and heads over the cores, measured faster: 1.4x for 3 images of 8 heads (FAN-T-Hybrid's batch
+    chunks), 2x for one image. (In float32 inference it measured as fast as SDPA: 1.04x FAN-T-ViT in one process,
+    0.97x FAN-T-Hybrid in fresh ones.)
     """
     fused_attn: Final[bool]
 
@@ -768,8 +772,8 @@ class TokenMixing(nn.Module):
     def _headwise(self, q: torch.Tensor) -> bool:
         """True where ``HeadwiseAttention`` runs for the projected queries q (B, N, C) (see the class docstring)."""
         dtype = _cpu_fast_path_dtype(q) if self.fused_attn and (self.attn_drop.p == 0 or not self.training) else None
-        if dtype == torch.bfloat16:
-            return not q.requires_grad
+        if dtype == torch.bfloat16:  # from as many images as heads on (see the class docstring)
+            return not q.requires_grad and q.shape[0] >= self.num_heads
         return dtype == torch.float32 and q.requires_grad and q.shape[1] <= HEADWISE_MAX_TOKENS
 
 

@@ -458,11 +458,11 @@ def assert_close_in_bf16(got: torch.Tensor, want: torch.Tensor) -> None:
 @pytest.mark.parametrize('grid', [(H, W), (1, 4)], ids=lambda g: f'{g[0]}x{g[1]}')
 def test_bf16_autocast_inference_paths_match_the_formula(grid, monkeypatch):
     """Under CPU autocast to bfloat16 without autograd, Linear, the depthwise mixer (folded norm, padding taps taken
-    back in bfloat16), token attention (explicit bfloat16 matmuls head by head instead of SDPA), channel attention
-    (its input cast once) and the conv stem run their bfloat16 paths; their values are those of the float32 formula to
-    bfloat16 rounding."""
+    back in bfloat16), token attention (explicit bfloat16 matmuls head by head instead of SDPA, for as many images as
+    heads), channel attention (its input cast once) and the conv stem run their bfloat16 paths; their values are those
+    of the float32 formula to bfloat16 rounding."""
     rows, cols = grid
-    tokens, scale = torch.randn(2, rows * cols, C), torch.randn(C)
+    tokens, scale = torch.randn(HEADS, rows * cols, C), torch.randn(C)
     layer, mixer = randomize(Linear(C, 24)), randomize(DepthwiseConvMixer(C))
     attn = randomize(TokenMixing(C, num_heads=HEADS))
     channel_attn = randomize(ChannelAttention(C, num_heads=HEADS, mlp_ratio=2.))
@@ -482,7 +482,7 @@ def test_bf16_autocast_inference_paths_match_the_formula(grid, monkeypatch):
                channel_attn(tokens, rows, cols)]
         stem_tokens, _ = stem(images)
     monkeypatch.undo()
-    for b in range(2):
+    for b in range(HEADS):
         assert_close_in_bf16(got[0][b], linear(tokens[b], layer))
         assert_close_in_bf16(got[1][b], tokens[b] + scale * naive_mixer(tokens[b], mixer, rows, cols))
         assert_close_in_bf16(got[2][b], naive_attention(tokens[b], attn))
@@ -490,6 +490,20 @@ def test_bf16_autocast_inference_paths_match_the_formula(grid, monkeypatch):
         assert_close_in_bf16(got[3][b].bfloat16(), naive_channel_attention(tokens[b], channel_attn, rows, cols))
     with torch.no_grad():
         assert_close_in_bf16(stem_tokens, stem(images)[0])
+
+
+def test_bf16_token_attention_of_fewer_images_than_heads_takes_sdpa(monkeypatch):
+    """bfloat16 autocast inference of fewer images than heads: SDPA instead of the head-by-head products, the formula's
+    values to bfloat16 rounding."""
+    attn, tokens = randomize(TokenMixing(C, num_heads=HEADS)), torch.randn(HEADS - 1, H * W, C)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *args, **kw: calls.append(1) or sdpa(*args, **kw))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        got = attn(tokens)
+    assert calls == [1]
+    for b in range(HEADS - 1):
+        assert_close_in_bf16(got[b], naive_attention(tokens[b], attn))
 
 
 def test_legacy_layer_norm_2d_uses_unbiased_variance():

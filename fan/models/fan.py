@@ -129,8 +129,8 @@ class HybridBackbone(nn.Module):
 
     Image (B, 3, H, W) -> stage maps [(B, 128, H/4, W/4), (B, 256, H/8, W/8)]. The blocks run channels-last with
     Linear MLPs (timm's ``conv_mlp=False``), so the maps stay in channels-last memory without copies; the released
-    weights' 1x1-conv MLP weights are reshaped on load (``checkpoint_filter_fn``). The MLPs are ``TokenChunkedMlp``:
-    timm's ``Mlp`` whose CPU training pass runs in chunks of tokens.
+    weights' 1x1-conv MLP weights are reshaped on load (``checkpoint_filter_fn``). The blocks are ``ConvNeXtBlock``:
+    timm's, with the layer scale folded into a ``TokenChunkedMlp`` (CPU fast paths in inference and training).
     """
 
     def __init__(
