@@ -23,7 +23,7 @@ __all__ = [
     'Linear', 'OneDnnLinear', 'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'HeadwiseAttention', 'ChannelAttention',
     'SeMlp', 'FanBlock',
     'OverlapPatchEmbed', 'tokens_to_map', 'map_to_tokens', 'run_in_batch_chunks', 'TokenChunkedMlp',
-    'onednn_inference', 'onednn_conv', 'onednn_linear', 'use_fan_linear', 'bf16_inference_input',
+    'onednn_inference', 'onednn_conv', 'onednn_linear', 'use_fan_linear', 'bf16_inference_input', 'fold_out_scale',
     'batch_norm_scale_shift', 'raise_malloc_thresholds',
 ]
 
@@ -41,10 +41,7 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if out_scale is not None:
-            weight = weight * out_scale[:, None]
-            bias = bias * out_scale if bias is not None else None
+        weight, bias = fold_out_scale(self.weight, self.bias, out_scale)
         if torch.jit.is_scripting():
             return F.linear(x, weight, bias)
         dtype = self._fast_path_dtype(x)
@@ -84,6 +81,20 @@ class OneDnnLinear(torch.autograd.Function):
             grad_weight = (x.t() @ grad_out).t() if x.shape[1] > grad_out.shape[1] else grad_out.t() @ x
         grad_bias = grad_out.sum(0) if need_bias else None
         return grad_x, grad_weight, grad_bias
+
+
+def fold_out_scale(
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        out_scale: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The weight (out, ...) and bias (out,) of a linear layer or conv whose output channels are then multiplied by
+    ``out_scale`` (out,), with the scale folded in: no pass over the output for it and no output kept for its
+    gradient. Unchanged for None."""
+    if out_scale is None:
+        return weight, bias
+    weight = weight * out_scale.reshape([-1] + [1] * (weight.dim() - 1))
+    return weight, (bias * out_scale if bias is not None else None)
 
 
 def _plain_eager(x: torch.Tensor) -> bool:
@@ -286,10 +297,8 @@ class TokenChunkedMlp(Mlp):
 
     @torch.jit.ignore
     def _forward_in_chunks(self, x: torch.Tensor, out_scale: Optional[torch.Tensor]) -> torch.Tensor:
-        fc1, w2, b2 = self.fc1, self.fc2.weight, self.fc2.bias
-        if out_scale is not None:
-            w2, b2 = w2 * out_scale[:, None], b2 * out_scale
-        return GeluMlpInChunks.apply(x, fc1.weight, fc1.bias, w2, b2, self.act.approximate)
+        w2, b2 = fold_out_scale(self.fc2.weight, self.fc2.bias, out_scale)
+        return GeluMlpInChunks.apply(x, self.fc1.weight, self.fc1.bias, w2, b2, self.act.approximate)
 
     @torch.jit.ignore
     def _gelu_between_linears(self) -> bool:
@@ -298,11 +307,10 @@ class TokenChunkedMlp(Mlp):
 
     @torch.jit.ignore
     def _fused_inference_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
-        """The dtype of the inference path with the GELU in fc1's epilogue for ``x``, or None."""
-        dtype = _cpu_fast_path_dtype(x) if _MKLDNN_LINEAR and self.fc1.bias is not None else None
-        if dtype is None or _needs_autograd(x, self) or self.fc1.weight.dtype != torch.float32:
-            return None
-        return dtype if self._gelu_between_linears() else None
+        """The dtype of the inference path with the GELU in fc1's epilogue for ``x`` (fc1's oneDNN product without
+        autograd), or None."""
+        dtype = self.fc1._fast_path_dtype(x)
+        return dtype if dtype is not None and not _needs_autograd(x, self) and self._gelu_between_linears() else None
 
     @torch.jit.ignore
     def _in_chunks(self, x: torch.Tensor) -> bool:
@@ -424,10 +432,7 @@ class DepthwiseConvMixer(nn.Module):
         inference (float32, or bfloat16 under autocast) runs two oneDNN convolutions with GELU, norm and the sum
         folded in (``_inference``); in training, the GELU and norm outputs are recomputed in the backward pass
         instead of kept (``ConvGeluNormConv``)."""
-        w2, b2 = self.conv2.weight, self.conv2.bias
-        if scale is not None:
-            w2 = w2 * scale[:, None, None, None]
-            b2 = b2 * scale if b2 is not None else None
+        w2, b2 = fold_out_scale(self.conv2.weight, self.conv2.bias, scale)
         x = tokens_to_map(x, H, W)
         if not torch.jit.is_scripting():
             inference_dtype = self._inference_dtype(x)
