@@ -574,3 +574,27 @@ print(default, faults_of_a_reused_map())
     result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
     default, raised = map(int, result.stdout.split())
     assert default > 2000 and raised < 100, (default, raised)  # 4096 pages of 4 KiB
+
+
+def test_batch_chunks_are_sized_in_the_dtype_the_layers_compute_in(monkeypatch):
+    """CPU inference splits the batch by the bytes of its largest activation: float32 images under bfloat16 autocast
+    count at two bytes a value against their own budget, plain float32 at four; the outputs are the whole batch's."""
+    monkeypatch.setattr(fan.layers, 'INFERENCE_CHUNK_BYTES', 1024)
+    monkeypatch.setattr(fan.layers, 'BF16_INFERENCE_CHUNK_BYTES', 1024)
+    x = torch.randn(16, 3, 8, 8)
+    chunks = []
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        chunks.append(images.shape[0])
+        return images.flatten(1) * 2
+
+    with torch.no_grad():
+        out = fan.layers.run_in_batch_chunks(features, x, 1., training=False)  # 256 bytes an image
+        assert chunks == [4] * 4 and torch.equal(out, x.flatten(1) * 2)
+        chunks.clear()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            fan.layers.run_in_batch_chunks(features, x, 1., training=False)  # 128 bytes an image
+        assert chunks == [8, 8]
+        chunks.clear()
+    fan.layers.run_in_batch_chunks(features, x, 1., training=False)  # with autograd: whole
+    assert chunks == [16]
