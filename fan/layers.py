@@ -208,7 +208,6 @@ _FUNCTORCH_ACTIVE = getattr(torch._C, '_are_functorch_transforms_active', lambda
 
 
 INFERENCE_CHUNK_BYTES = 20 * 2 ** 20  # largest activation of one batch chunk in CPU inference
-BF16_INFERENCE_CHUNK_BYTES = 30 * 2 ** 20  # the same under CPU autocast to bfloat16, in bfloat16 bytes
 STEM_CHUNK_BYTES = 5 * 2 ** 20  # largest map of one batch chunk of FAN-ViT's conv stem in CPU inference
 
 
@@ -224,24 +223,20 @@ def run_in_batch_chunks(
     Large activations make a CPU forward slow: every new tensor above glibc's mmap threshold (32 MiB at most) is fresh
     memory to page in, and none stays in cache from one operation to the next. In eval mode without autograd the
     images are independent, so on the CPU the batch is split (``x.tensor_split``) into chunks whose largest activation
-    (``activation_per_pixel`` values per input pixel, in the dtype the layers compute in) stays within ``chunk_bytes``
-    (default ``INFERENCE_CHUNK_BYTES``, ``BF16_INFERENCE_CHUNK_BYTES`` under CPU autocast to bfloat16), and the chunks'
-    outputs are concatenated: the same values. At batch 16 on 2 cores this measured 1.1-1.25x faster for FAN-Hybrid and
-    FAN-Swin in float32; FAN-ViT's activations are small enough to run whole, except for its conv stem's
-    (``STEM_CHUNK_BYTES``). In bfloat16 FAN-T-Hybrid ran 1.25-1.35x faster in two chunks of 8 images (30 MiB of
-    bfloat16) than in the six of 3 that float32's budget in float32 bytes gave (its attention then takes the
-    head-by-head products, ``TokenMixing``), and FAN-Swin-T the same; the float32 budget stays at 20 MiB (30 measured
-    0.92x FAN-Swin-T). Otherwise ``features(x)``. The first CPU inference also raises glibc's malloc thresholds
+    (``activation_per_pixel`` values per input pixel, counted in the dtype the layers compute in: bfloat16 under CPU
+    autocast) stays within ``chunk_bytes`` (default ``INFERENCE_CHUNK_BYTES``), and the chunks' outputs are
+    concatenated: the same values. At batch 16 on 2 cores this measured 1.1-1.25x faster for FAN-Hybrid and FAN-Swin
+    in float32; FAN-ViT's activations are small enough to run whole, except for its conv stem's (``STEM_CHUNK_BYTES``).
+    Counted in bfloat16, FAN-T-Hybrid's bfloat16 inference runs in three chunks instead of six: 1.13x in alternating
+    fresh processes. Otherwise ``features(x)``. The first CPU inference also raises glibc's malloc thresholds
     (``raise_malloc_thresholds``).
     """
     if not _plain_eager(x) or training or torch.is_grad_enabled() or x.device.type != 'cpu' or x.ndim != 4:
         return features(x)
     raise_malloc_thresholds()
-    dtype = _cpu_fast_path_dtype(x) or x.dtype  # (bfloat16 under CPU autocast)
-    if chunk_bytes is None:
-        chunk_bytes = BF16_INFERENCE_CHUNK_BYTES if dtype == torch.bfloat16 else INFERENCE_CHUNK_BYTES
+    dtype = _cpu_fast_path_dtype(x) or x.dtype
     per_image = activation_per_pixel * x.shape[-2] * x.shape[-1] * dtype.itemsize
-    images_per_chunk = max(1, int(chunk_bytes // per_image))
+    images_per_chunk = max(1, int((chunk_bytes or INFERENCE_CHUNK_BYTES) // per_image))
     chunks = -(-x.shape[0] // images_per_chunk)
     if chunks <= 1:
         return features(x)

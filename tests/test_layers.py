@@ -578,9 +578,8 @@ print(default, faults_of_a_reused_map())
 
 def test_batch_chunks_are_sized_in_the_dtype_the_layers_compute_in(monkeypatch):
     """CPU inference splits the batch by the bytes of its largest activation: float32 images under bfloat16 autocast
-    count at two bytes a value against their own budget, plain float32 at four; the outputs are the whole batch's."""
+    count at two bytes a value, plain float32 at four; the outputs are the whole batch's."""
     monkeypatch.setattr(fan.layers, 'INFERENCE_CHUNK_BYTES', 1024)
-    monkeypatch.setattr(fan.layers, 'BF16_INFERENCE_CHUNK_BYTES', 1024)
     x = torch.randn(16, 3, 8, 8)
     chunks = []
 
