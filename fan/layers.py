@@ -569,11 +569,12 @@ class ConvGeluNormConv(torch.autograd.Function):
             grad_bn_weight = sum_g_xhat if need_bn_weight else None
             grad_bn_bias = sum_g if need_bn_bias else None
             if need_y:
-                # grad_a = scale * (g - mean(g) - xhat * mean(g * xhat)), in grad_normed's memory
+                # grad_a = scale * (g - mean(g) - xhat * mean(g * xhat)), in grad_normed's memory, in two passes:
+                # g * scale + (per-channel constant), then + a * (per-channel factor)
                 n = y.numel() // C
-                grad_a = _nhwc(grad_normed).mul_(scale)
+                g = _nhwc(grad_normed)
+                grad_a = torch.addcmul(scale * (invstd * mean * sum_g_xhat - sum_g) / n, g, scale, out=g)
                 grad_a.addcmul_(a, -scale * invstd * sum_g_xhat / n)
-                grad_a.add_(scale * (invstd * mean * sum_g_xhat - sum_g) / n)
                 grad_y = torch.ops.aten.gelu_backward.grad_input(
                     grad_a, _nhwc(y), approximate=approximate, grad_input=grad_a)
                 grad_y = _nhwc(grad_y, inverse=True)
