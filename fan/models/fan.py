@@ -76,7 +76,8 @@ class ConvStem(ConvPatchEmbed):
     ``fan.layers.STEM_CHUNK_BYTES``: smaller maps are reused from the heap instead of being fresh memory to page in (at
     batch 16, 19 MB maps; in-process A/B 1.05x FAN-T-ViT inference). The image enters in channels-last memory, so that
     every map stays channels-last: oneDNN's second conv (24 -> 48 channels) ran at 48 GMAC/s on planar maps and at 89
-    on channels-last ones (2 cores), the whole stem 1.2x faster in float32 and bfloat16.
+    on channels-last ones (2 cores), the stem alone 1.2x faster (FAN-T-ViT inference within the noise of fresh
+    processes).
     """
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
