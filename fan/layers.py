@@ -226,10 +226,10 @@ def run_in_batch_chunks(
     (``activation_per_pixel`` values per input pixel, counted in the dtype the layers compute in: bfloat16 under CPU
     autocast) stays within ``chunk_bytes`` (default ``INFERENCE_CHUNK_BYTES``), and the chunks' outputs are
     concatenated: the same values. At batch 16 on 2 cores this measured 1.1-1.25x faster for FAN-Hybrid and FAN-Swin
-    in float32; FAN-ViT's activations are small enough to run whole, except for its conv stem's (``STEM_CHUNK_BYTES``).
-    Counted in bfloat16, FAN-T-Hybrid's bfloat16 inference runs in three chunks instead of six: 1.13-1.15x in
-    alternating fresh processes. Otherwise ``features(x)``. The first CPU inference also raises glibc's malloc thresholds
-    (``raise_malloc_thresholds``).
+    in float32; FAN-ViT's activations are small enough to run whole, except for its conv stem's
+    (``STEM_CHUNK_BYTES``). Counted in bfloat16, FAN-T-Hybrid's bfloat16 inference runs in three chunks instead of
+    six: 1.13-1.15x in alternating fresh processes. Otherwise ``features(x)``. The first CPU inference also raises
+    glibc's malloc thresholds (``raise_malloc_thresholds``).
     """
     if not _plain_eager(x) or training or torch.is_grad_enabled() or x.device.type != 'cpu' or x.ndim != 4:
         return features(x)
