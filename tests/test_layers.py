@@ -1,5 +1,6 @@
 """Each FAN layer against a naive implementation written from its formula (explicit loops, no shared code)."""
 import math
+import os
 import subprocess
 import sys
 from functools import partial
@@ -554,26 +555,42 @@ def test_class_attention_doubles_patch_tokens():
 
 
 @pytest.mark.skipif(not fan.layers._GLIBC, reason='glibc malloc only')
-def test_raise_malloc_thresholds_keeps_freed_activations_mapped():
-    """A fresh process: a 16 MiB tensor freed and allocated again is fresh memory to page in (glibc gives it back),
-    until ``raise_malloc_thresholds`` has run; then it comes back from the heap without page faults."""
+def test_tune_malloc_keeps_freed_activations_mapped():
+    """Fresh processes: 64 MiB tensors freed and allocated again are fresh memory to page in (above the largest mmap
+    threshold glibc adapts to, each is unmapped when freed) until ``tune_malloc`` has run; then they come back from
+    the heap without page faults. The first CPU training forward tunes too; ``FAN_TUNE_MALLOC=0`` leaves glibc as it is."""
     script = '''
-import resource, torch
-from fan.layers import raise_malloc_thresholds
+import resource, sys, torch
+import fan
 
-def faults_of_a_reused_map():
-    torch.ones(4 * 2 ** 20)  # 16 MiB, written and freed
+def faults_of_reused_maps():
+    for _ in range(6):  # 64 MiB, written and freed
+        torch.ones(2 ** 24)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(4 * 2 ** 20)
+    for _ in range(4):
+        torch.ones(2 ** 24)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-default = faults_of_a_reused_map()
-raise_malloc_thresholds()
-print(default, faults_of_a_reused_map())
+default = faults_of_reused_maps()
+if sys.argv[1] == 'call':
+    fan.layers.tune_malloc()
+else:  # a training forward on the CPU
+    fan.layers.run_in_batch_chunks(lambda x: x * 2, torch.ones(1, 3, 4, 4, requires_grad=True), 1., training=True)
+print(default, faults_of_reused_maps())
 '''
-    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
-    default, raised = map(int, result.stdout.split())
-    assert default > 2000 and raised < 100, (default, raised)  # 4096 pages of 4 KiB
+
+    def faults(how, **env):
+        result = subprocess.run([sys.executable, '-c', script, how], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, **env})
+        assert result.returncode == 0, result.stderr[-2000:]
+        return list(map(int, result.stdout.split()))
+
+    pages = 4 * 2 ** 14  # of 4 KiB in four maps
+    for how in ('call', 'training'):
+        default, tuned = faults(how)
+        assert default >= pages and tuned < 100, (how, default, tuned)
+    default, untuned = faults('call', FAN_TUNE_MALLOC='0')
+    assert default >= pages and untuned >= pages, (default, untuned)
 
 
 def test_batch_chunks_are_sized_in_the_dtype_the_layers_compute_in(monkeypatch):
