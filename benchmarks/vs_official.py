@@ -7,7 +7,10 @@ says how to set one up). Every measurement is a fresh process
 background load, and the medians over rounds are compared.
 
     python benchmarks/vs_official.py --official-repo /tmp/official --official-python /tmp/official/venv/bin/python \\
-        [fan_tiny_12_p16_224 fan_tiny_8_p4_hybrid ...] [--rounds 3] [--bf16] [--compile]
+        [fan_tiny_12_p16_224 fan_tiny_8_p4_hybrid ...] [--rounds 3] [--bf16] [--compile] [--official-malloc fan]
+
+fan tunes glibc's malloc for its CPU forward passes (``fan.layers.tune_malloc``); ``--official-malloc fan`` gives
+the official processes the same allocator settings, to see how much of the difference is the allocator.
 
 Writes ``benchmarks/results/vs_official/``: ``runs.json`` (every process's result, the conditions, the machine),
 ``vs_official.csv`` (medians and ratios per model, with the targets met or missed) and ``bf16.csv`` (``--bf16``:
@@ -33,6 +36,8 @@ DEFAULT_MODELS = ('fan_tiny_12_p16_224', 'fan_tiny_8_p4_hybrid', 'fan_swin_tiny_
 # issue targets: ours / official
 TARGETS = {'infer_ratio': ('>=', 1.3), 'train_ratio': ('>=', 1.2), 'memory_ratio': ('<=', 0.85)}
 BF16_TARGET = 1.6  # bf16 autocast inference / fp32 inference, ours
+# glibc's malloc as fan.layers.tune_malloc sets it (no heap trimming, no mmaps), for --official-malloc fan
+FAN_MALLOC_TUNABLES = f'glibc.malloc.trim_threshold={2 ** 64 - 1}:glibc.malloc.mmap_max=0'
 
 
 def run_child(python: str, impl: str, model: str, args: argparse.Namespace, env: Dict[str, str],
@@ -122,6 +127,9 @@ def main() -> int:
     parser.add_argument('--bf16', action='store_true', help='also our bf16-autocast inference (bf16.csv)')
     parser.add_argument('--compile', action='store_true',
                         help='with --bf16: also torch.compile, fp32 and bf16, in the first round (slow to compile)')
+    parser.add_argument('--official-malloc', choices=('default', 'fan'), default='default',
+                        help="fan: the official processes get glibc's malloc set as fan sets it for itself "
+                             '(fan.layers.tune_malloc), through GLIBC_TUNABLES: the like-for-like comparison')
     parser.add_argument('--timeout', type=float, default=1800, help='seconds per process')
     parser.add_argument('--out', type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
@@ -129,12 +137,14 @@ def main() -> int:
         parser.error(f'{args.official_repo} has no models/ folder (the official implementation)')
     env = {**__import__('os').environ, 'OFFICIAL_FAN_DIR': str(args.official_repo.resolve()), 'OMP_NUM_THREADS':
            str(args.threads)}
+    official_env = dict(env, GLIBC_TUNABLES=FAN_MALLOC_TUNABLES) if args.official_malloc == 'fan' else env
     machine = describe_machine('cpu')
     runs: List[Dict[str, Any]] = []
     conditions = {'batch': args.batch, 'threads': args.threads, 'seconds': args.seconds, 'rounds': args.rounds,
                   'input': '224x224 random, random weights', 'precision': 'fp32 (bf16.csv: bf16 autocast)',
                   'train_step': 'SGD momentum 0.9, cross-entropy, random labels',
-                  'ours_commit': _git_commit(), 'compiled': 'first round only' if args.compile else 'no'}
+                  'ours_commit': _git_commit(), 'compiled': 'first round only' if args.compile else 'no',
+                  'official_malloc': official_env.get('GLIBC_TUNABLES', 'glibc default')}
 
     def save() -> None:
         write_json(args.out / 'runs.json', {'conditions': conditions, 'machine': machine, 'runs': runs})
@@ -143,8 +153,8 @@ def main() -> int:
         for model in args.models:
             order = ['ours', 'official'] if round_index % 2 == 0 else ['official', 'ours']
             for impl in order:
-                python = args.python if impl == 'ours' else args.official_python
-                runs.append(dict(run_child(python, impl, model, args, env), round=round_index))
+                python, impl_env = (args.python, env) if impl == 'ours' else (args.official_python, official_env)
+                runs.append(dict(run_child(python, impl, model, args, impl_env), round=round_index))
                 print(f'round {round_index + 1}: {impl:8s} {model:34s} infer {runs[-1]["infer_img_s"]:6.2f} '
                       f'train {runs[-1]["train_img_s"]:6.2f} img/s, peak {runs[-1]["peak_rss_mib"]:.0f} MiB',
                       flush=True)
