@@ -277,6 +277,7 @@ def tune_malloc() -> None:
             libc.mallopt(_M_MMAP_MAX, 0)
 
 
+RECOMPUTE_CONV_BYTES = 32 * 2 ** 20  # training: mixer conv1 outputs this large are recomputed, not kept (memory)
 TRAINING_CHUNK_BYTES = 8 * 2 ** 20  # hidden activations of one chunk of tokens (TokenChunkedMlp, CPU training)
 
 
@@ -538,8 +539,11 @@ class ConvGeluNormConv(torch.autograd.Function):
     threshold (32 MiB) is fresh memory to page in, which costs more than the arithmetic on it. Each depthwise conv's
     input gradient is the forward conv of its output gradient with the kernel flipped (``_conv_input_grad``). Same
     values and gradients as autograd on the reference ops; the running statistics are updated once, as
-    ``nn.BatchNorm2d`` does. With ``add_input`` the output is x + the mixer's output, and x's gradient takes the output
-    gradient in place (instead of autograd summing the two gradient maps into a new one)."""
+    ``nn.BatchNorm2d`` does. With ``add_input`` the output is x + the mixer's output, and x's gradient takes the
+    output gradient in place (instead of autograd summing the two gradient maps into a new one). A conv1 output of at
+    least ``RECOMPUTE_CONV_BYTES`` (FAN-Swin's first two stages: 77 and 39 MB per block at batch 16) is not kept but
+    recomputed from x in the backward pass: one depthwise conv for a quarter of a gigabyte less peak memory in a
+    FAN-Swin-T step at batch 16."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, bn_weight, bn_bias, w2, b2, mixer: 'DepthwiseConvMixer', add_input: bool):
@@ -553,15 +557,18 @@ class ConvGeluNormConv(torch.autograd.Function):
             a, bn_weight, bn_bias, bn.running_mean, bn.running_var, True, momentum, bn.eps,
             out=a, save_mean=y.new_empty(0), save_invstd=y.new_empty(0))
         ctx.mixer, ctx.add_input = mixer, add_input
-        ctx.save_for_backward(x, y, w1, bn_weight, bn_bias, w2, mean, invstd)
+        kept = y if y.numel() * y.element_size() < RECOMPUTE_CONV_BYTES else None  # else recomputed from x
+        ctx.save_for_backward(x, kept, w1, b1, bn_weight, bn_bias, w2, mean, invstd)
         out = F.conv2d(normed, w2, b2, padding=mixer.padding, groups=y.shape[1])
         return out.add_(x) if add_input else out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, y, w1, bn_weight, bn_bias, w2, mean, invstd = ctx.saved_tensors
+        x, y, w1, b1, bn_weight, bn_bias, w2, mean, invstd = ctx.saved_tensors
         mixer = ctx.mixer
-        C = y.shape[1]
+        C = w1.shape[0]
+        if y is None:
+            y = F.conv2d(x, w1, b1, padding=mixer.padding, groups=C)
         need_x, need_w1, need_b1, need_bn_weight, need_bn_bias, need_w2, need_b2 = ctx.needs_input_grad[:7]
         need_bn_weight, need_bn_bias = need_bn_weight and bn_weight is not None, need_bn_bias and bn_bias is not None
         need_y = need_x or need_w1 or need_b1
