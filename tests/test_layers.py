@@ -203,12 +203,17 @@ def naive_mixer_train(tokens, mixer, H, W, scale):
 @pytest.mark.parametrize('momentum', [0.1, None])
 @pytest.mark.parametrize('grid', [(H, W), (1, 4), (3, 2)], ids=lambda g: f'{g[0]}x{g[1]}')
 @pytest.mark.parametrize('add_input', [True, False], ids=['plus-input', 'mixer-only'])
-def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(frozen, momentum, grid, add_input):
+@pytest.mark.parametrize('keep_conv1', [True, False], ids=['conv1-kept', 'conv1-recomputed'])
+def test_depthwise_conv_mixer_training_recomputes_the_same_values_and_gradients(
+        frozen, momentum, grid, add_input, keep_conv1, monkeypatch):
     """Training keeps only conv1's input and output, recomputes GELU and norm in the backward pass, reusing its maps
     in place, and takes the convs' input gradients as convs with flipped kernels: outputs, every gradient asked for
     and the running statistics (updated once; momentum None is the plain average) must equal plain autograd on the
-    formula, also when only some inputs need gradients, on grids of one row (every pixel on a border), and with the
-    input added to the output (its gradient taking the output gradient in place)."""
+    formula, also when only some inputs need gradients, on grids of one row (every pixel on a border), with the
+    input added to the output (its gradient taking the output gradient in place), and when conv1's output is
+    recomputed in the backward pass (``RECOMPUTE_CONV_BYTES``) instead of kept."""
+    if not keep_conv1:
+        monkeypatch.setattr(fan.layers, 'RECOMPUTE_CONV_BYTES', 0)
     H, W = grid
     tokens = torch.randn(2, H * W, C)
     mixer = randomize(DepthwiseConvMixer(C)).train()
