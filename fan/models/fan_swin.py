@@ -22,7 +22,6 @@ from timm.models.swin_transformer import (
     checkpoint_filter_fn as swin_checkpoint_filter_fn,
 )
 
-from .. import layers
 from ..layers import ChannelAttention, onednn_inference, run_in_batch_chunks, use_fan_linear
 from ._checkpoint import check_keys, unwrap_checkpoint
 
@@ -193,15 +192,11 @@ class FanSwin(SwinTransformer):
     def _eager_features(self, x: torch.Tensor) -> torch.Tensor:
         # CPU bfloat16 autocast inference: the explicit window attention, whose bfloat16 products made FAN-Swin-T
         # 4-5 % faster than SDPA there (2 cores), for this call
-        bf16 = onednn_inference(x, self) == torch.bfloat16
-        explicit_bf16 = self.fused_window_attn and bf16
+        explicit_bf16 = self.fused_window_attn and onednn_inference(x, self) == torch.bfloat16
         if explicit_bf16:
             self._set_fused_window_attn(False)
-        # CPU inference runs big batches in chunks of images; in bfloat16 of as many images as in float32 (half the
-        # bytes): chunks of twice as many measured 0.95x for FAN-Swin-T (alternating fresh processes, 3 of 3)
-        chunk_bytes = layers.INFERENCE_CHUNK_BYTES / 2 if bf16 else None
-        try:
-            return run_in_batch_chunks(self._features, x, self.activation_per_pixel, self.training, chunk_bytes)
+        try:  # CPU inference runs big batches in chunks of images
+            return run_in_batch_chunks(self._features, x, self.activation_per_pixel, self.training)
         finally:
             if explicit_bf16:
                 self._set_fused_window_attn(True)
