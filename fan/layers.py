@@ -748,8 +748,8 @@ class TokenMixing(nn.Module):
     ``HEADWISE_MAX_TOKENS`` tokens (it keeps the probabilities rather than recomputing them) and in bfloat16 autocast
     inference of at least as many images as heads, where its bfloat16 products measured 1.5-1.8x faster than SDPA
     (16 images of 4 heads; 1.1x at 4). With fewer images each of its per-head products is too small, and SDPA, which
-    spreads images and heads over the cores, measured faster: 1.4x for 3 images of 8 heads (FAN-T-Hybrid's batch
-    chunks), 2x for one image. (In float32 inference it measured as fast as SDPA: 1.04x FAN-T-ViT in one process,
+    spreads images and heads over the cores, measured faster: 1.4x for 3 images of 8 heads (FAN-T-Hybrid's former
+    batch chunks), 2x for one image. (In float32 inference it measured as fast as SDPA: 1.04x FAN-T-ViT in one process,
     0.97x FAN-T-Hybrid in fresh ones.)
     """
     fused_attn: Final[bool]
