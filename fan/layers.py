@@ -210,7 +210,6 @@ _FUNCTORCH_ACTIVE = getattr(torch._C, '_are_functorch_transforms_active', lambda
 
 
 INFERENCE_CHUNK_BYTES = 128 * 2 ** 20  # largest activation of one batch chunk in CPU inference
-STEM_CHUNK_BYTES = 5 * 2 ** 20  # largest map of one batch chunk of FAN-ViT's conv stem in CPU inference
 
 
 def run_in_batch_chunks(
@@ -218,13 +217,12 @@ def run_in_batch_chunks(
         x: torch.Tensor,
         activation_per_pixel: float,
         training: bool,
-        chunk_bytes: Optional[float] = None,
 ) -> torch.Tensor:
     """``features(x)`` for an image batch ``x`` (B, C, H, W), run in chunks of images for CPU inference.
 
     In eval mode without autograd the images are independent, so on the CPU the batch is split (``x.tensor_split``)
     into chunks whose largest activation (``activation_per_pixel`` values per input pixel, counted in the dtype the
-    layers compute in: bfloat16 under CPU autocast) stays within ``chunk_bytes`` (default ``INFERENCE_CHUNK_BYTES``),
+    layers compute in: bfloat16 under CPU autocast) stays within ``INFERENCE_CHUNK_BYTES``,
     and the chunks' outputs are concatenated: the same values, with the activations' memory bounded for big batches.
     Otherwise ``features(x)``. The first CPU forward pass, training ones included, also tunes glibc's malloc
     (``tune_malloc``). The budget was 20 MiB while glibc's default malloc paged every large activation in afresh
@@ -240,7 +238,7 @@ def run_in_batch_chunks(
         return features(x)
     dtype = cpu_fast_path_dtype(x) or x.dtype
     per_image = activation_per_pixel * x.shape[-2] * x.shape[-1] * dtype.itemsize
-    images_per_chunk = max(1, int((chunk_bytes or INFERENCE_CHUNK_BYTES) // per_image))
+    images_per_chunk = max(1, int(INFERENCE_CHUNK_BYTES // per_image))
     chunks = -(-x.shape[0] // images_per_chunk)
     if chunks <= 1:
         return features(x)
@@ -265,7 +263,8 @@ def tune_malloc() -> None:
     300 (1.02x), FAN-T-Hybrid training 138 thousand -> 0 (1.04x), FAN-Swin-T training 162 thousand -> 0 (1.11x) and
     inference 39-47 thousand -> 0 (12.8 -> 13.9 img/s). The process then keeps its peak heap mapped, as jemalloc and
     tcmalloc do (``malloc_trim(0)`` gives the free part back); FAN-Swin-T's peak resident memory in training rose by
-    2-5 % (heap fragments that the mmaps did not leave), then stayed flat over 60 steps. The models' CPU forward
+    2-5 % (heap fragments that the mmaps did not leave; ``RECOMPUTE_CONV_BYTES`` takes it back), then stayed flat
+    over 60 steps. The models' CPU forward
     passes call it (``run_in_batch_chunks``).
     """
     global _malloc_tuned

@@ -432,16 +432,14 @@ def test_overlap_patch_embed(tokens):
 @pytest.mark.parametrize('autograd', [True, False], ids=['reference', 'onednn-inference'])
 def test_conv_stem(autograd, monkeypatch):
     """FAN-ViT's stem: four 3x3 stride-2 convs (no bias) each with an eval-mode BatchNorm, GELU between; CPU
-    inference folds each norm into its conv, runs the GELU in the conv's epilogue, and the batch in chunks (here of
-    two images: 2 + 1)."""
+    inference folds each norm into its conv and runs the GELU in the conv's epilogue, on the whole batch."""
     stem = randomize(ConvStem(patch_size=16, in_chans=3, embed_dim=32))
     images = torch.randn(3, 3, 48, 32)
-    monkeypatch.setattr(fan.layers, 'STEM_CHUNK_BYTES', 2 * 4 * 24 * 16 * 4)  # two images' first maps (4 x 24 x 16)
-    chunks = []
-    monkeypatch.setattr(stem, '_folded', lambda x, folded=stem._folded: chunks.append(len(x)) or folded(x))
+    batches = []
+    monkeypatch.setattr(stem, '_folded', lambda x, folded=stem._folded: batches.append(len(x)) or folded(x))
     with torch.set_grad_enabled(autograd):
         tokens, grid = stem(images)
-    assert chunks == ([] if autograd or not fan.layers._MKLDNN_CONV else [2, 1])
+    assert batches == ([] if autograd or not fan.layers._MKLDNN_CONV else [3])
     x = images
     for index, (conv, bn) in enumerate(stem.proj[::2]):
         columns = F.unfold(x, 3, padding=1, stride=2)  # (B, C_in * 9, H' * W')

@@ -72,9 +72,10 @@ class ConvStem(ConvPatchEmbed):
 
     CPU inference (float32, or bfloat16 under autocast) folds each eval-mode BatchNorm into its convolution (exact: the
     norm follows the conv) and computes the GELU in the convolution's epilogue, one pass over each map instead of
-    three; it runs the batch in chunks of images whose first map, the largest, stays within
-    ``fan.layers.STEM_CHUNK_BYTES``: smaller maps are reused from the heap instead of being fresh memory to page in (at
-    batch 16, 19 MB maps; in-process A/B 1.05x FAN-T-ViT inference). The image enters in channels-last memory, so that
+    three. (It ran the batch in chunks of 4 images while glibc's default malloc paged its 19 MB maps in afresh, 1.05x;
+    with ``fan.layers.tune_malloc`` chunks of 5 and 20 MiB and the whole batch of 16 measured the same, 49.5-49.6
+    img/s in float32, so the model's batch chunks, whose budget counts the stem's first map, are the only ones.)
+    The image enters in channels-last memory, so that
     every map stays channels-last: oneDNN's second conv (24 -> 48 channels) ran at 48 GMAC/s on planar maps and at 89
     on channels-last ones (2 cores), the stem alone 1.2x faster (FAN-T-ViT inference within the noise of fresh
     processes). CPU training in float32 runs the unfolded stem on a channels-last copy of the image too: there the
@@ -89,14 +90,11 @@ class ConvStem(ConvPatchEmbed):
     @torch.jit.ignore
     def _maps(self, x: torch.Tensor) -> torch.Tensor:
         dtype = onednn_inference(x, self)
-        if dtype is None:
-            if layers.cpu_fast_path_dtype(x) == torch.float32:  # CPU training: on channels-last maps as well
-                x = x.contiguous(memory_format=torch.channels_last)
-            return self.proj(x)
-        first_map_per_pixel = self.proj[0][0].out_channels / 4  # stride 2
-        return run_in_batch_chunks(
-            self._folded, x.to(dtype, memory_format=torch.channels_last), first_map_per_pixel, self.training,
-            layers.STEM_CHUNK_BYTES)
+        if dtype is not None:
+            return self._folded(x.to(dtype, memory_format=torch.channels_last))
+        if layers.cpu_fast_path_dtype(x) == torch.float32:  # CPU training: on channels-last maps as well
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.proj(x)
 
     @torch.jit.ignore
     def _folded(self, x: torch.Tensor) -> torch.Tensor:
