@@ -264,8 +264,7 @@ def tune_malloc() -> None:
     inference 39-47 thousand -> 0 (12.8 -> 13.9 img/s). The process then keeps its peak heap mapped, as jemalloc and
     tcmalloc do (``malloc_trim(0)`` gives the free part back); FAN-Swin-T's peak resident memory in training rose by
     2-5 % (heap fragments that the mmaps did not leave; ``RECOMPUTE_CONV_BYTES`` takes it back), then stayed flat
-    over 60 steps. The models' CPU forward
-    passes call it (``run_in_batch_chunks``).
+    over 60 steps. The models' CPU forward passes call it (``run_in_batch_chunks``).
     """
     global _malloc_tuned
     if _GLIBC and not _malloc_tuned:
