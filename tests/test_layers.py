@@ -13,7 +13,7 @@ from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 
 import fan.layers
 from fan.layers import (
-    ChannelAttention, DepthwiseConvMixer, DwConvMlp, FanBlock, Linear, OverlapPatchEmbed, SeMlp, TokenChunkedMlp,
+    ChannelAttention, DepthwiseConv2d, DepthwiseConvMixer, DwConvMlp, FanBlock, Linear, OverlapPatchEmbed, SeMlp, TokenChunkedMlp,
     TokenMixing)
 from fan.models.fan import ConvNeXtBlock, ConvStem, LegacyLayerNorm, LegacyLayerNorm2d
 
@@ -309,6 +309,46 @@ def test_hybrid_convnext_block_equals_timms_block(autograd):
         got.backward(grad_out)
         want.backward(grad_out)
         assert_same_gradients([p.grad for p in ours.parameters()], [p.grad for p in timms.parameters()])
+
+
+def depthwise_conv(img, weight, bias):
+    """img (C, H, W), weight (C, 1, k, k), k odd, zero padding k // 2:
+    out[c, i, j] = bias[c] + sum_{u,v} weight[c, 0, u, v] img[c, i + u - k // 2, j + v - k // 2]."""
+    C, H, W = img.shape
+    k = weight.shape[-1]
+    padded = F.pad(img, (k // 2,) * 4)
+    out = bias[:, None, None].expand(C, H, W).clone()
+    for u in range(k):
+        for v in range(k):
+            out = out + weight[:, 0, u, v][:, None, None] * padded[:, u:u + H, v:v + W]
+    return out
+
+
+@pytest.mark.parametrize('frozen', [(), ('input',), ('weight', 'bias')], ids=['all-trained', 'frozen-input',
+                                                                               'frozen-conv'])
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last], ids=['planar', 'channels-last'])
+@pytest.mark.parametrize('kernel_size', [7, 3])
+def test_depthwise_conv2d_gradients(kernel_size, layout, frozen):
+    """Outputs and every gradient asked for against autograd on the formula; 7x7 kernels take the weight gradient as a
+    swapped conv (``DepthwiseConvTraining``), 3x3 ones oneDNN's own, on maps smaller than the kernel too."""
+    conv = randomize(DepthwiseConv2d(C, kernel_size)).train()
+    for name, p in conv.named_parameters():
+        p.requires_grad_(name not in frozen)
+    images = torch.randn(3, C, 5, 9).contiguous(memory_format=layout)
+    x = images.clone().requires_grad_('input' not in frozen)
+    out = conv(x)
+    assert ('DepthwiseConvTrainingBackward' in autograd_nodes(out.grad_fn)) == (
+        kernel_size == 7 and 'weight' not in frozen)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ours = [x.grad, conv.weight.grad, conv.bias.grad]
+
+    x_ref = images.clone().requires_grad_('input' not in frozen)
+    conv.weight.grad = conv.bias.grad = None
+    expected = torch.stack([depthwise_conv(img, conv.weight, conv.bias) for img in x_ref])
+    expected.backward(grad_out)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
+    assert_same_gradients(ours, [x_ref.grad, conv.weight.grad, conv.bias.grad])
 
 
 @pytest.mark.parametrize('autograd', [True, False], ids=['reference', 'onednn-inference'])
