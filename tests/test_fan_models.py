@@ -12,7 +12,7 @@ import torch
 import fan
 import fan.layers
 from fan.models.fan import LegacyLayerNorm, LegacyLayerNorm2d
-from fan.models.fan_swin import FanSwin
+from fan.models.fan_swin import FanSwin, WindowAttention
 from fan.zoo import count_params
 
 CONFORMANCE = Path(__file__).parent / 'conformance'
@@ -82,25 +82,25 @@ def test_conformance_with_official_outputs(tmp_path, name):
 
 
 @pytest.mark.parametrize('name', GOLDEN)
-def test_bf16_autocast_inference_keeps_top1_on_golden_inputs(tmp_path, name):
+def test_bf16_autocast_inference_keeps_top1_on_golden_inputs(tmp_path, name, monkeypatch):
     """CPU autocast to bfloat16 (the bfloat16 fast paths): every golden image keeps the official model's top-1 class,
-    and the logits stay within 5 % of the largest. FAN-Swin's window attention takes its explicit matmuls for the
-    call (SDPA again after it)."""
+    and the logits stay within 5 % of the largest. FAN-Swin's window attention takes its bfloat16 path in every
+    block."""
     data = golden(name)
     path = released_file(tmp_path, recipe.official_state_dict(data['keys']), name)
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
     x = recipe.golden_input(data['input']['shape'], data['input']['seed'])
-    fused_in_call = []
-    if isinstance(model, FanSwin):
-        window_attn = model.layers[0].blocks[0].attn
-        window_attn.register_forward_pre_hook(lambda module, args: fused_in_call.append(module.fused_attn))
+    bf16_window_attn = []
+    bf16_inference = WindowAttention._bf16_inference
+    monkeypatch.setattr(WindowAttention, '_bf16_inference',
+                        lambda module, *args: bf16_window_attn.append(module) or bf16_inference(module, *args))
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         logits = model(x).float()
     ref = torch.tensor(data['logits'])
     assert torch.equal(logits.argmax(1), ref.argmax(1))
     assert ((logits - ref).abs().max() / ref.abs().max()).item() < 5e-2
     if isinstance(model, FanSwin) and fan.layers._MKLDNN_CONV:
-        assert fused_in_call and not any(fused_in_call) and window_attn.fused_attn
+        assert len(bf16_window_attn) == sum(len(stage.blocks) for stage in model.layers)
 
 
 @pytest.mark.parametrize('name', GOLDEN)

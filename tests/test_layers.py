@@ -9,13 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import timm.models.convnext
+import timm.models.swin_transformer
 from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 
 import fan.layers
 from fan.layers import (
-    ChannelAttention, DepthwiseConv2d, DepthwiseConvMixer, DwConvMlp, FanBlock, Linear, OverlapPatchEmbed, SeMlp, TokenChunkedMlp,
-    TokenMixing)
+    ChannelAttention, DepthwiseConv2d, DepthwiseConvMixer, DwConvMlp, FanBlock, Linear, OverlapPatchEmbed, SeMlp,
+    TokenChunkedMlp, TokenMixing, use_fan_linear)
 from fan.models.fan import ConvNeXtBlock, ConvStem, LegacyLayerNorm, LegacyLayerNorm2d
+from fan.models.fan_swin import WindowAttention
 
 torch.manual_seed(0)
 ATOL = 1e-5
@@ -534,6 +536,40 @@ def test_bf16_autocast_inference_paths_match_the_formula(grid, monkeypatch):
         assert_close_in_bf16(got[3][b].bfloat16(), naive_channel_attention(tokens[b], channel_attn, rows, cols))
     with torch.no_grad():
         assert_close_in_bf16(stem_tokens, stem(images)[0])
+
+
+@pytest.mark.parametrize('shifted', [True, False], ids=['shift-mask', 'no-mask'])
+def test_bf16_window_attention_matches_the_formula(shifted, monkeypatch):
+    """FAN-Swin's window attention under CPU autocast to bfloat16 without autograd (query scale in the qkv weights,
+    bias and mask added in bfloat16, softmax in place): per window and head softmax(q k^T / sqrt(d) + bias + mask) v,
+    then the projection, to bfloat16 rounding; timm's explicit path and SDPA are not called."""
+    window, heads, images, windows = 3, 2, 2, 4
+    attn = randomize(WindowAttention(C, num_heads=heads, window_size=window))
+    use_fan_linear(attn)
+    N = window * window
+    x = torch.randn(images * windows, N, C)
+    mask = torch.where(torch.rand(windows, N, N) < 0.3, -100., 0.) if shifted else None
+
+    def not_called(*args, **kwargs):
+        raise AssertionError('reference path called')
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', not_called)
+    monkeypatch.setattr(timm.models.swin_transformer.WindowAttention, 'forward', not_called)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        got = attn(x, mask)
+    monkeypatch.undo()
+    d = C // heads
+    bias = attn.relative_position_bias_table[attn.relative_position_index.view(-1)].view(N, N, heads)
+    for w in range(images * windows):
+        qkv = linear(x[w], attn.qkv)
+        out = []
+        for i in range(heads):
+            q, k, v = (qkv[:, j * C + i * d:j * C + (i + 1) * d] for j in range(3))
+            logits = q @ k.T / math.sqrt(d) + bias[:, :, i]
+            if mask is not None:
+                logits = logits + mask[w % windows]
+            out.append(torch.softmax(logits, -1) @ v)
+        assert_close_in_bf16(got[w], linear(torch.cat(out, -1), attn.proj))
 
 
 def test_bf16_token_attention_of_fewer_images_than_heads_takes_sdpa(monkeypatch):

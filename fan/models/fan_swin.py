@@ -16,19 +16,62 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import calculate_drop_path_rates, to_2tuple, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import swin_transformer
 from timm.models.swin_transformer import (
     SwinTransformer,
     SwinTransformerBlock,
     checkpoint_filter_fn as swin_checkpoint_filter_fn,
 )
 
-from ..layers import ChannelAttention, onednn_inference, run_in_batch_chunks, use_fan_linear
+from ..layers import ChannelAttention, Linear, onednn_inference, run_in_batch_chunks, use_fan_linear
 from ._checkpoint import check_keys, unwrap_checkpoint
 
-__all__ = ['FanSwin', 'FanSwinBlock']  # model_registry will add each entrypoint fn to this
+__all__ = ['FanSwin', 'FanSwinBlock', 'SwinBlock', 'WindowAttention']  # model_registry will add each entrypoint fn to this
 
 
-class FanSwinBlock(SwinTransformerBlock):
+class WindowAttention(swin_transformer.WindowAttention):
+    """timm's window attention, windows (B * nW, N, C) -> (B * nW, N, C), same parameters and outputs, with a
+    bfloat16 path for CPU autocast inference: the query scale folded into the qkv weights, relative-position bias and
+    shift mask added in bfloat16 in place on the logits and the softmax taken in place in bfloat16. timm's explicit
+    path there scales the queries in a pass of their own, promotes the logits to float32 when it adds the float32
+    bias and mask, and casts the probabilities back for the second product."""
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Windows x (B * nW, N, C); mask (nW, N, N) of 0 / -100 for shifted windows, or None."""
+        if not torch.jit.is_scripting() and onednn_inference(x, self) == torch.bfloat16 and isinstance(self.qkv, Linear):
+            return self._bf16_inference(x, mask)
+        return super().forward(x, mask)
+
+    @torch.jit.ignore
+    def _bf16_inference(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        B_, N, _ = x.shape
+        h = self.num_heads
+        q_scale = torch.ones(self.qkv.out_features, device=x.device)
+        q_scale[:self.qkv.out_features // 3] = self.scale
+        q, k, v = self.qkv(x, q_scale).view(B_, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, h, N, d)
+        bias = self._get_rel_pos_bias()  # (1, h, N, N)
+        if mask is not None:
+            bias = bias + mask.unsqueeze(1)  # (nW, h, N, N)
+        logits = q @ k.transpose(-2, -1)  # (B_, h, N, N), bfloat16
+        logits.view(-1, *bias.shape).add_(bias.to(logits.dtype))
+        torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+        x = (logits @ v).transpose(1, 2).reshape(B_, N, -1)
+        return self.proj(x)
+
+
+class SwinBlock(SwinTransformerBlock):
+    """timm's Swin block (B, H, W, C) -> (B, H, W, C) with this module's ``WindowAttention``."""
+
+    def __init__(self, dim: int, num_heads: int = 4, head_dim: Optional[int] = None, qkv_bias: bool = True,
+                 proj_drop: float = 0., attn_drop: float = 0., device=None, dtype=None, **kwargs) -> None:
+        super().__init__(dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias, proj_drop=proj_drop,
+                         attn_drop=attn_drop, device=device, dtype=dtype, **kwargs)
+        self.attn = WindowAttention(
+            dim, num_heads=num_heads, head_dim=head_dim, window_size=self.attn.window_size, qkv_bias=qkv_bias,
+            attn_drop=attn_drop, proj_drop=proj_drop, device=device, dtype=dtype)
+
+
+class FanSwinBlock(SwinBlock):
     """Swin block (B, H, W, C) -> (B, H, W, C) whose MLP is FAN's channel attention over the whole map."""
 
     def __init__(
@@ -134,7 +177,7 @@ class FanSwin(SwinTransformer):
         drop_path_rates = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)
         for i, (stage, depth, heads, use_channel_attn, rates, stage_window) in enumerate(zip(
                 self.layers, depths, num_heads, channel_attn, drop_path_rates, self._ref_window_sizes)):
-            block_layer = FanSwinBlock if use_channel_attn else SwinTransformerBlock
+            block_layer = FanSwinBlock if use_channel_attn else SwinBlock
             stage_window = to_2tuple(stage_window)
             stage.depth = depth
             stage.blocks = nn.Sequential(*[
@@ -190,16 +233,8 @@ class FanSwin(SwinTransformer):
 
     @torch.jit.ignore
     def _eager_features(self, x: torch.Tensor) -> torch.Tensor:
-        # CPU bfloat16 autocast inference: the explicit window attention, whose bfloat16 products made FAN-Swin-T
-        # 4-5 % faster than SDPA there (2 cores), for this call
-        explicit_bf16 = self.fused_window_attn and onednn_inference(x, self) == torch.bfloat16
-        if explicit_bf16:
-            self._set_fused_window_attn(False)
-        try:  # CPU inference runs big batches in chunks of images
-            return run_in_batch_chunks(self._features, x, self.activation_per_pixel, self.training)
-        finally:
-            if explicit_bf16:
-                self._set_fused_window_attn(True)
+        # CPU inference runs big batches in chunks of images
+        return run_in_batch_chunks(self._features, x, self.activation_per_pixel, self.training)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.layers(self.patch_embed(x)))
