@@ -22,7 +22,7 @@ from torch.jit import Final
 from timm.layers import DropPath, LayerNorm, Mlp, trunc_normal_, use_fused_attn
 
 __all__ = [
-    'Linear', 'OneDnnLinear', 'DepthwiseConv2d', 'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'HeadwiseAttention', 'ChannelAttention',
+    'Linear', 'OneDnnLinear', 'DepthwiseConv2d', 'depthwise_weight_grad', 'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'HeadwiseAttention', 'ChannelAttention',
     'SeMlp', 'FanBlock',
     'OverlapPatchEmbed', 'tokens_to_map', 'map_to_tokens', 'run_in_batch_chunks', 'TokenChunkedMlp',
     'cpu_fast_path_dtype', 'onednn_inference', 'onednn_conv', 'onednn_linear', 'use_fan_linear', 'bf16_inference_input',
@@ -663,9 +663,8 @@ class DepthwiseConv2d(nn.Conv2d):
 class DepthwiseConvTraining(torch.autograd.Function):
     """A depthwise, stride-1 conv with padding k // 2 of x (B, C, H, W) by weight (C, 1, k, k), whose backward pass
     takes the input gradient as the forward conv of the output gradient with the kernel flipped
-    (``_conv_input_grad``) and the weight gradient as a forward depthwise conv with the roles swapped: the input as one
-    image of B * C planes, each correlated with its output-gradient plane (H, W) as the kernel, which gives the
-    (B * C, k, k) per-image gradients; their sum over the images is the weight gradient."""
+    (``_conv_input_grad``) and the weight gradient as a forward depthwise conv with the roles swapped
+    (``depthwise_weight_grad``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -678,15 +677,20 @@ class DepthwiseConvTraining(torch.autograd.Function):
         need_x, need_weight, need_bias = ctx.needs_input_grad
         padding = weight.shape[-1] // 2
         grad_x = _conv_input_grad(grad_out, weight, padding) if need_x else None
-        grad_weight = None
-        if need_weight:
-            B, C, H, W = x.shape
-            planes = x.contiguous().view(1, B * C, H, W)
-            kernels = grad_out.contiguous().view(B * C, 1, H, W)
-            per_image = F.conv2d(planes, kernels, padding=padding, groups=B * C)  # (1, B * C, k, k)
-            grad_weight = per_image.view(B, C, 1, *weight.shape[-2:]).sum(0)
+        grad_weight = depthwise_weight_grad(x, grad_out, weight.shape[-1]) if need_weight else None
         grad_bias = grad_out.sum((0, 2, 3)) if need_bias else None
         return grad_x, grad_weight, grad_bias
+
+
+def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The weight gradient (C, 1, k, k) of a depthwise, stride-1 conv with odd kernel k and zero padding k // 2, for
+    its input x and output gradient (B, C, H, W): a forward depthwise conv of the B * C input planes, each with its
+    output-gradient plane as the kernel, giving per-image gradients (B * C, k, k), summed over the images."""
+    B, C, H, W = x.shape
+    planes = x.contiguous().view(1, B * C, H, W)
+    kernels = grad_out.contiguous().view(B * C, 1, H, W)
+    per_image = F.conv2d(planes, kernels, padding=kernel_size // 2, groups=B * C)  # (1, B * C, k, k)
+    return per_image.view(B, C, 1, kernel_size, kernel_size).sum(0)
 
 
 class DwConvMlp(nn.Module):
