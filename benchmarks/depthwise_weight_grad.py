@@ -2,7 +2,7 @@
 ``fan.layers.DepthwiseConv2d``'s swapped forward conv, on channels-last maps of batch 16 (the FAN-Hybrid ConvNeXt
 stages' 7x7 kernels, and 3x3 mixer maps for comparison).
 
-    python benchmarks/depthwise_weight_grad.py --threads 2 --out benchmarks/results/vs_official_zen4/depthwise_weight_grad.csv
+    python benchmarks/depthwise_weight_grad.py --out benchmarks/results/vs_official_zen4/depthwise_weight_grad.csv
 
 Each row: the shape, the median milliseconds of each way (weight and bias gradients; the swapped way with its copies
 to planar layout), and the largest difference between the two gradients relative to the largest gradient value.

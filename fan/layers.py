@@ -22,8 +22,8 @@ from torch.jit import Final
 from timm.layers import DropPath, LayerNorm, Mlp, trunc_normal_, use_fused_attn
 
 __all__ = [
-    'Linear', 'OneDnnLinear', 'DepthwiseConv2d', 'depthwise_weight_grad', 'DepthwiseConvMixer', 'DwConvMlp', 'TokenMixing', 'HeadwiseAttention', 'ChannelAttention',
-    'SeMlp', 'FanBlock',
+    'Linear', 'OneDnnLinear', 'DepthwiseConv2d', 'depthwise_weight_grad', 'DepthwiseConvMixer', 'DwConvMlp',
+    'TokenMixing', 'HeadwiseAttention', 'ChannelAttention', 'SeMlp', 'FanBlock',
     'OverlapPatchEmbed', 'tokens_to_map', 'map_to_tokens', 'run_in_batch_chunks', 'TokenChunkedMlp',
     'cpu_fast_path_dtype', 'onednn_inference', 'onednn_conv', 'onednn_linear', 'use_fan_linear', 'bf16_inference_input',
     'fold_out_scale', 'batch_norm_scale_shift', 'tune_malloc',
@@ -637,11 +637,11 @@ class DepthwiseConv2d(nn.Conv2d):
     gradient in CPU float32 training for kernels of at least ``SWAPPED_WEIGHT_GRAD_MIN_KERNEL`` (ConvNeXt's 7x7).
 
     oneDNN computes a depthwise weight gradient on channels-last maps with its grouped-conv kernel, which pads every
-    channel to a 16 x 16 block: 51 ms for a 16 x 128 x 56 x 56 map and a 7x7 kernel on 2 cores (5 GMAC/s).
-    ``DepthwiseConvTraining`` computes it as a forward depthwise conv with the roles swapped, every (image, channel)
-    plane of the input correlated with its output-gradient plane as the kernel, then summed over the images: 25 ms
-    with the two copies to planar layout, 4 ms against 23 ms for 16 x 256 x 28 x 28. For 3x3 kernels oneDNN's own
-    gradient is the faster one (0.9 ms against 6.6 ms for 16 x 768 x 14 x 14)."""
+    channel to a 16 x 16 block: 51-64 ms for a 16 x 128 x 56 x 56 map and a 7x7 kernel on 2 cores (5 GMAC/s).
+    ``DepthwiseConvTraining`` computes it as a forward depthwise conv with the roles swapped
+    (``depthwise_weight_grad``): 25 ms with the two copies to planar layout, 13 against 36 ms for 16 x 256 x 28 x 28
+    (``benchmarks/depthwise_weight_grad.py``). For 3x3 kernels oneDNN's own gradient is the faster one (1.2 against
+    7.0 ms for 16 x 768 x 14 x 14)."""
 
     def __init__(self, dim: int, kernel_size: int = 7, bias: bool = True, device=None, dtype=None) -> None:
         assert kernel_size % 2 == 1, f'kernel_size {kernel_size} must be odd'

@@ -27,8 +27,8 @@ from timm.models.xcit import checkpoint_filter_fn as xcit_checkpoint_filter_fn
 
 from .. import layers
 from ..layers import (
-    ChannelAttention, DepthwiseConv2d, FanBlock, OverlapPatchEmbed, SeMlp, TokenChunkedMlp, batch_norm_scale_shift, map_to_tokens,
-    onednn_conv, onednn_inference, run_in_batch_chunks, tokens_to_map, use_fan_linear)
+    ChannelAttention, DepthwiseConv2d, FanBlock, OverlapPatchEmbed, SeMlp, TokenChunkedMlp, batch_norm_scale_shift,
+    map_to_tokens, onednn_conv, onednn_inference, run_in_batch_chunks, tokens_to_map, use_fan_linear)
 from ._checkpoint import unwrap_checkpoint, check_keys
 
 __all__ = ['Fan', 'ConvStem', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add each entrypoint fn to this

@@ -26,7 +26,8 @@ from timm.models.swin_transformer import (
 from ..layers import ChannelAttention, Linear, onednn_inference, run_in_batch_chunks, use_fan_linear
 from ._checkpoint import check_keys, unwrap_checkpoint
 
-__all__ = ['FanSwin', 'FanSwinBlock', 'SwinBlock', 'WindowAttention']  # model_registry will add each entrypoint fn to this
+# model_registry will add each entrypoint fn to this
+__all__ = ['FanSwin', 'FanSwinBlock', 'SwinBlock', 'WindowAttention']
 
 
 class WindowAttention(swin_transformer.WindowAttention):
@@ -38,9 +39,13 @@ class WindowAttention(swin_transformer.WindowAttention):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Windows x (B * nW, N, C); mask (nW, N, N) of 0 / -100 for shifted windows, or None."""
-        if not torch.jit.is_scripting() and onednn_inference(x, self) == torch.bfloat16 and isinstance(self.qkv, Linear):
+        if not torch.jit.is_scripting() and self._bf16_inference_path(x):
             return self._bf16_inference(x, mask)
         return super().forward(x, mask)
+
+    @torch.jit.ignore
+    def _bf16_inference_path(self, x: torch.Tensor) -> bool:
+        return onednn_inference(x, self) == torch.bfloat16 and isinstance(self.qkv, Linear)  # (Linear: out_scale)
 
     @torch.jit.ignore
     def _bf16_inference(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
