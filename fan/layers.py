@@ -649,9 +649,10 @@ class DepthwiseConv2d(nn.Conv2d):
                          device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._swaps_weight_grad(x):
-            return DepthwiseConvTraining.apply(x, self.weight, self.bias)
-        return super().forward(x)
+        if not torch.jit.is_scripting():
+            if self._swaps_weight_grad(x):
+                return DepthwiseConvTraining.apply(x, self.weight, self.bias)
+        return self._conv_forward(x, self.weight, self.bias)  # (nn.Conv2d's forward; TorchScript has no super())
 
     @torch.jit.ignore
     def _swaps_weight_grad(self, x: torch.Tensor) -> bool:

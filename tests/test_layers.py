@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import timm.models.convnext
-import timm.models.swin_transformer
 from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 
 import fan.layers
@@ -538,27 +537,29 @@ def test_bf16_autocast_inference_paths_match_the_formula(grid, monkeypatch):
         assert_close_in_bf16(stem_tokens, stem(images)[0])
 
 
+@pytest.mark.parametrize('path', ['bf16', 'sdpa', 'explicit'])
 @pytest.mark.parametrize('shifted', [True, False], ids=['shift-mask', 'no-mask'])
-def test_bf16_window_attention_matches_the_formula(shifted, monkeypatch):
-    """FAN-Swin's window attention under CPU autocast to bfloat16 without autograd (query scale in the qkv weights,
-    bias and mask added in bfloat16, softmax in place): per window and head softmax(q k^T / sqrt(d) + bias + mask) v,
-    then the projection, to bfloat16 rounding; timm's explicit path and SDPA are not called."""
+def test_window_attention_matches_the_formula(shifted, path, monkeypatch):
+    """FAN-Swin's window attention, per window and head softmax(q k^T / sqrt(d) + bias + mask) v, then the projection:
+    through SDPA (``fused_attn``), the explicit matmuls, and under CPU autocast to bfloat16 without autograd the
+    bfloat16 path (query scale in the qkv weights, bias and mask added in bfloat16, softmax in place; SDPA not called)
+    to bfloat16 rounding."""
     window, heads, images, windows = 3, 2, 2, 4
     attn = randomize(WindowAttention(C, num_heads=heads, window_size=window))
     with torch.no_grad():
         attn.qkv.weight.mul_(0.25)  # logits of a few units, not tens: bfloat16's rounding of them stays below 2 %
     use_fan_linear(attn)
+    attn.fused_attn = path == 'sdpa'
     N = window * window
     g = torch.Generator().manual_seed(0)
     x = torch.randn(images * windows, N, C, generator=g)
     mask = torch.where(torch.rand(windows, N, N, generator=g) < 0.3, -100., 0.) if shifted else None
+    if path == 'bf16':
+        def not_called(*args, **kwargs):
+            raise AssertionError('SDPA called')
 
-    def not_called(*args, **kwargs):
-        raise AssertionError('reference path called')
-
-    monkeypatch.setattr(F, 'scaled_dot_product_attention', not_called)
-    monkeypatch.setattr(timm.models.swin_transformer.WindowAttention, 'forward', not_called)
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        monkeypatch.setattr(F, 'scaled_dot_product_attention', not_called)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=path == 'bf16'):
         got = attn(x, mask)
     monkeypatch.undo()
     d = C // heads
@@ -572,7 +573,11 @@ def test_bf16_window_attention_matches_the_formula(shifted, monkeypatch):
             if mask is not None:
                 logits = logits + mask[w % windows]
             out.append(torch.softmax(logits, -1) @ v)
-        assert_close_in_bf16(got[w], linear(torch.cat(out, -1), attn.proj))
+        want = linear(torch.cat(out, -1), attn.proj)
+        if path == 'bf16':
+            assert_close_in_bf16(got[w], want)
+        else:
+            torch.testing.assert_close(got[w], want, atol=ATOL, rtol=ATOL)
 
 
 def test_bf16_token_attention_of_fewer_images_than_heads_takes_sdpa(monkeypatch):

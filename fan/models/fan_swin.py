@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import calculate_drop_path_rates, to_2tuple, use_fused_attn
@@ -31,17 +32,42 @@ __all__ = ['FanSwin', 'FanSwinBlock', 'SwinBlock', 'WindowAttention']
 
 
 class WindowAttention(swin_transformer.WindowAttention):
-    """timm's window attention, windows (B * nW, N, C) -> (B * nW, N, C), same parameters and outputs, with a
-    bfloat16 path for CPU autocast inference: the query scale folded into the qkv weights, relative-position bias and
-    shift mask added in bfloat16 in place on the logits and the softmax taken in place in bfloat16. timm's explicit
-    path there scales the queries in a pass of their own, promotes the logits to float32 when it adds the float32
-    bias and mask, and casts the probabilities back for the second product."""
+    """timm's window attention (its parameters, buffers and relative-position bias), windows (B * nW, N, C) ->
+    (B * nW, N, C): per window and head softmax(q k^T / sqrt(d) + bias + shift mask) v, then the projection; through
+    ``F.scaled_dot_product_attention`` with bias and mask as its additive mask when ``fused_attn`` is set, else with
+    explicit matmuls. CPU bfloat16 autocast inference takes explicit bfloat16 matmuls with the query scale folded into
+    the qkv weights, bias and mask added in bfloat16 in place on the logits and the softmax taken in place (timm's
+    explicit path scales the queries in a pass of their own, promotes the logits to float32 for the float32 bias and
+    casts the probabilities back)."""
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Windows x (B * nW, N, C); mask (nW, N, N) of 0 / -100 for shifted windows, or None."""
-        if not torch.jit.is_scripting() and self._bf16_inference_path(x):
-            return self._bf16_inference(x, mask)
-        return super().forward(x, mask)
+        if not torch.jit.is_scripting():
+            if self._bf16_inference_path(x):
+                return self._bf16_inference(x, mask)
+        B_, N, _ = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).reshape(B_, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, h, N, d)
+        bias = self._window_bias(mask)  # (nW or 1, h, N, N)
+        if self.fused_attn:
+            if mask is not None:  # each window's bias and mask, for every image: (B_, h, N, N)
+                bias = bias.expand(B_ // mask.shape[0], -1, -1, -1, -1).reshape(B_, h, N, N)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            if mask is not None:
+                logits = (logits.view(-1, mask.shape[0], h, N, N) + bias).view(B_, h, N, N)
+            else:
+                logits = logits + bias
+            x = self.attn_drop(logits.softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, -1)))
+
+    def _window_bias(self, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The relative-position bias plus the shift mask of each window: (nW, h, N, N), or (1, h, N, N) without
+        mask."""
+        bias = self._get_rel_pos_bias()  # (1, h, N, N)
+        return bias if mask is None else bias + mask.unsqueeze(1)
 
     @torch.jit.ignore
     def _bf16_inference_path(self, x: torch.Tensor) -> bool:
@@ -54,9 +80,7 @@ class WindowAttention(swin_transformer.WindowAttention):
         q_scale = torch.ones(self.qkv.out_features, device=x.device)
         q_scale[:self.qkv.out_features // 3] = self.scale
         q, k, v = self.qkv(x, q_scale).view(B_, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, h, N, d)
-        bias = self._get_rel_pos_bias()  # (1, h, N, N)
-        if mask is not None:
-            bias = bias + mask.unsqueeze(1)  # (nW, h, N, N)
+        bias = self._window_bias(mask)
         logits = q @ k.transpose(-2, -1)  # (B_, h, N, N), bfloat16
         logits.view(-1, *bias.shape).add_(bias.to(logits.dtype))
         torch.ops.aten._softmax.out(logits, -1, False, out=logits)
