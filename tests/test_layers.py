@@ -47,25 +47,27 @@ def layer_norm(x, layer, eps):
     return (x - mean) / torch.sqrt(var + eps) * layer.weight + layer.bias
 
 
-def depthwise3x3(img, conv):
-    """img (C, H, W); zero padding 1; out[c, i, j] = b[c] + sum_{u,v} w[c, u, v] img[c, i + u - 1, j + v - 1]."""
+def depthwise_conv(img, weight, bias):
+    """img (C, H, W), weight (C, 1, k, k), k odd, zero padding k // 2:
+    out[c, i, j] = bias[c] + sum_{u,v} weight[c, 0, u, v] img[c, i + u - k // 2, j + v - k // 2]."""
     C, H, W = img.shape
-    padded = F.pad(img, (1, 1, 1, 1))
-    out = conv.bias[:, None, None].expand(C, H, W).clone()
-    for u in range(3):
-        for v in range(3):
-            out += conv.weight[:, 0, u, v][:, None, None] * padded[:, u:u + H, v:v + W]
+    k = weight.shape[-1]
+    padded = F.pad(img, (k // 2,) * 4)
+    out = bias[:, None, None].expand(C, H, W).clone()
+    for u in range(k):
+        for v in range(k):
+            out = out + weight[:, 0, u, v][:, None, None] * padded[:, u:u + H, v:v + W]
     return out
 
 
 def naive_mixer(tokens, mixer, H, W):
     """tokens (N, C) of one image -> dwconv -> GELU -> BN (eval) -> dwconv -> (N, C)."""
     img = tokens.T.reshape(-1, H, W)
-    y = gelu(depthwise3x3(img, mixer.conv1))
+    y = gelu(depthwise_conv(img, mixer.conv1.weight, mixer.conv1.bias))
     bn = mixer.bn
     y = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
     y = y * bn.weight[:, None, None] + bn.bias[:, None, None]
-    return depthwise3x3(y, mixer.conv2).reshape(img.shape[0], -1).T
+    return depthwise_conv(y, mixer.conv2.weight, mixer.conv2.bias).reshape(img.shape[0], -1).T
 
 
 def naive_dwconv_mlp(tokens, mlp, H, W, residual=True):
@@ -189,12 +191,12 @@ def autograd_nodes(root) -> set:
 def naive_mixer_train(tokens, mixer, H, W, scale):
     """Training mode on a batch (B, N, C): BatchNorm on the batch's mean and biased variance per channel."""
     img = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, H, W)
-    y = torch.stack([gelu(depthwise3x3(i, mixer.conv1)) for i in img])
+    y = torch.stack([gelu(depthwise_conv(i, mixer.conv1.weight, mixer.conv1.bias)) for i in img])
     mean = y.mean((0, 2, 3), keepdim=True)
     var = ((y - mean) ** 2).mean((0, 2, 3), keepdim=True)
     bn = mixer.bn
     y = (y - mean) / torch.sqrt(var + bn.eps) * bn.weight[:, None, None] + bn.bias[:, None, None]
-    out = torch.stack([depthwise3x3(i, mixer.conv2) for i in y]) * scale[:, None, None]
+    out = torch.stack([depthwise_conv(i, mixer.conv2.weight, mixer.conv2.bias) for i in y]) * scale[:, None, None]
     return out.flatten(2).transpose(1, 2), mean.flatten(), var.flatten() * y[:, 0].numel() / (y[:, 0].numel() - 1)
 
 
@@ -310,19 +312,6 @@ def test_hybrid_convnext_block_equals_timms_block(autograd):
         got.backward(grad_out)
         want.backward(grad_out)
         assert_same_gradients([p.grad for p in ours.parameters()], [p.grad for p in timms.parameters()])
-
-
-def depthwise_conv(img, weight, bias):
-    """img (C, H, W), weight (C, 1, k, k), k odd, zero padding k // 2:
-    out[c, i, j] = bias[c] + sum_{u,v} weight[c, 0, u, v] img[c, i + u - k // 2, j + v - k // 2]."""
-    C, H, W = img.shape
-    k = weight.shape[-1]
-    padded = F.pad(img, (k // 2,) * 4)
-    out = bias[:, None, None].expand(C, H, W).clone()
-    for u in range(k):
-        for v in range(k):
-            out = out + weight[:, 0, u, v][:, None, None] * padded[:, u:u + H, v:v + W]
-    return out
 
 
 @pytest.mark.parametrize('frozen', [(), ('input',), ('weight', 'bias')], ids=['all-trained', 'frozen-input',
