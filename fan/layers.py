@@ -64,7 +64,13 @@ class Linear(nn.Linear):
 
 
 class OneDnnLinear(torch.autograd.Function):
-    """x @ weight.T + bias with oneDNN's linear in the forward pass and the usual products in the backward pass."""
+    """x @ weight.T + bias with oneDNN's linear in the forward pass; in the backward pass the input gradient is
+    oneDNN's linear too, grad_out @ weight as a product with the transposed weight (a copy of the small weight). MKL's
+    ``mm`` for it ran 1.1-1.4x slower on this project's Zen 4 machine (2 cores, alternating calls: 9.2 against 6.7 ms
+    for 3136 x 768 x 192, 9.1 against 7.2 for 3136 x 192 x 768); for the weight gradient, whose reduction runs over
+    the tokens, MKL's ``mm`` is the faster one (oneDNN needs both operands transposed). Training steps against MKL's
+    ``mm`` for the input gradient (batch 16, alternating in-process rounds): FAN-T-ViT 1.03-1.04x, FAN-T-Hybrid 1.09x,
+    FAN-Swin-T 1.06x (``benchmarks/results/vs_official_zen4/inprocess_ab_2026-12-01.csv``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -76,7 +82,10 @@ class OneDnnLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = (grad_out @ weight).view(x.shape) if need_x else None
+        grad_x = None
+        if need_x:
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad_out, weight.t().contiguous(), None, 'none', [], '')
+            grad_x = grad_x.view(x.shape)
         grad_weight = None
         if need_weight:  # as the product whose rows are the longer side (fc2's, 768 x 192: 5.1 ms against 6.3)
             x = x.reshape(-1, x.shape[-1])
