@@ -142,6 +142,15 @@ def test_linear_fast_paths_match_the_formula(frozen, features):
         layer.weight.grad = layer.bias.grad = None
 
 
+def test_linear_input_gradient_of_a_broadcast_output_gradient():
+    """``out.sum().backward()`` hands the linear an expanded (stride-0) output gradient: its input gradient through
+    oneDNN's product equals the formula's, ones @ W."""
+    layer = randomize(Linear(16, 24))
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(2, 7, 16), atol=ATOL, rtol=ATOL)
+
+
 H, W, C, HEADS = 5, 6, 16, 4
 
 
