@@ -12,12 +12,14 @@ import ctypes
 import os
 import platform
 import sys
+import weakref
 from typing import Callable, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.jit import Final
+from torch.utils.weak import WeakIdKeyDictionary
 
 from timm.layers import DropPath, LayerNorm, Mlp, trunc_normal_, use_fused_attn
 
@@ -40,18 +42,55 @@ class Linear(nn.Linear):
     export, other autocast and layers without bias take ``F.linear``; the outputs agree to float32 (bfloat16) rounding.
     ``out_scale`` (out_features,) multiplies the output, folded into the weight and bias: a layer scale that costs no
     pass over the output and keeps no output for its gradient.
+
+    The bfloat16 product takes the weight rounded to bfloat16 and reordered into oneDNN's blocked layout once, not on
+    every call: 1.1-1.3x faster products for FAN-T's 192-wide layers (3136 tokens, 2 cores, Zen 4: 192 -> 192
+    0.73 -> 0.57 ms, 192 -> 384 1.42 -> 1.14, 192 -> 768 2.6-2.9 -> 2.4; 768 -> 192 unchanged). The packed weight is
+    kept beside the layer (not in its state or its copies) until the weight, bias or ``out_scale`` changes (another
+    tensor, storage or version) or the layer is put in training mode; writes through ``.data``, which bypass the
+    version counter, need ``train()`` (or a new layer) before the next bfloat16 inference.
     """
 
     def forward(self, x: torch.Tensor, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        weight, bias = fold_out_scale(self.weight, self.bias, out_scale)
         if torch.jit.is_scripting():
-            return F.linear(x, weight, bias)
+            return F.linear(x, *fold_out_scale(self.weight, self.bias, out_scale))
         dtype = self._fast_path_dtype(x)
         if dtype is None:
-            return F.linear(x, weight, bias)
+            return F.linear(x, *fold_out_scale(self.weight, self.bias, out_scale))
         if _needs_autograd(x, self):  # (float32 only)
-            return OneDnnLinear.apply(x, weight, bias)
-        return onednn_linear(x.to(dtype), weight, bias)
+            return OneDnnLinear.apply(x, *fold_out_scale(self.weight, self.bias, out_scale))
+        return self.inference(x.to(dtype), out_scale)
+
+    @torch.jit.ignore
+    def inference(
+            self,
+            x: torch.Tensor,
+            out_scale: Optional[torch.Tensor] = None,
+            gelu: Optional[nn.GELU] = None,
+    ) -> torch.Tensor:
+        """The oneDNN product without autograd of x (..., in_features) in its dtype, float32 or bfloat16 (with the
+        packed weight), times ``out_scale`` if given, then ``gelu`` if given, in one call -> (..., out_features)."""
+        if x.dtype != torch.bfloat16:
+            return onednn_linear(x, *fold_out_scale(self.weight, self.bias, out_scale), gelu=gelu)
+        tensors = (self.weight, self.bias) if out_scale is None else (self.weight, self.bias, out_scale)
+        if any(t.is_inference() for t in tensors):  # (no version counter to watch)
+            return onednn_linear(x, *fold_out_scale(self.weight, self.bias, out_scale), gelu=gelu)
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        cached = _PACKED_BF16_WEIGHTS.get(self)
+        if cached is None or cached[0] != key or cached[1]() is not out_scale:  # (a scale made per call: repacked)
+            weight, bias = fold_out_scale(self.weight, self.bias, out_scale)
+            rows = x.numel() // x.shape[-1]
+            scale_ref = (lambda: None) if out_scale is None else weakref.ref(out_scale)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), rows)
+            cached = key, scale_ref, packed, bias.bfloat16()
+            _PACKED_BF16_WEIGHTS[self] = cached
+        return onednn_linear(x, cached[2], cached[3], gelu=gelu)
+
+    def train(self, mode: bool = True) -> 'Linear':
+        """Training mode also drops the packed bfloat16 weight (its memory; any weight written through ``.data``)."""
+        if mode:
+            _PACKED_BF16_WEIGHTS.pop(self, None)
+        return super().train(mode)
 
     @torch.jit.ignore
     def _fast_path_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
@@ -61,6 +100,10 @@ class Linear(nn.Linear):
         if dtype is None or self.weight.dtype != torch.float32:
             return None
         return dtype if dtype == torch.float32 or not _needs_autograd(x, self) else None
+
+
+# Linear -> (storage and versions it was packed from, weak reference to the out_scale, packed weight, bias): see Linear
+_PACKED_BF16_WEIGHTS = WeakIdKeyDictionary()
 
 
 class OneDnnLinear(torch.autograd.Function):
@@ -310,7 +353,7 @@ class TokenChunkedMlp(Mlp):
         if not torch.jit.is_scripting():
             dtype = self._fused_inference_dtype(x)
             if dtype is not None:
-                return self.fc2(onednn_linear(x.to(dtype), self.fc1.weight, self.fc1.bias, gelu=self.act), out_scale)
+                return self.fc2(self.fc1.inference(x.to(dtype), gelu=self.act), out_scale)
             if self._in_chunks(x):
                 return self._forward_in_chunks(x, out_scale)
         x = self.norm(self.drop1(self.act(self.fc1(x))))  # timm's Mlp.forward

@@ -1,6 +1,8 @@
 """Each FAN layer against a naive implementation written from its formula (explicit loops, no shared code)."""
+import copy
 import math
 import os
+import pickle
 import subprocess
 import sys
 from functools import partial
@@ -149,6 +151,38 @@ def test_linear_input_gradient_of_a_broadcast_output_gradient():
     x = torch.randn(2, 7, 16, requires_grad=True)
     layer(x).sum().backward()
     torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(2, 7, 16), atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.skipif(not fan.layers._MKLDNN_LINEAR, reason='no oneDNN linear in this build of torch')
+def test_bf16_linear_reuses_its_packed_weight_until_the_weights_or_scale_change():
+    """bfloat16 inference packs the weight once: the next call reuses it; an in-place update of the weight, the bias
+    or the ``out_scale`` parameter, or a scale made per call, gives the new formula's values; ``train()`` drops the
+    packed weight; copies and pickles of the layer carry none."""
+    g = torch.Generator().manual_seed(0)
+    layer, x = randomize(Linear(16, 24)), torch.randn(2, 7, 16, generator=g)
+    scale = torch.nn.Parameter(torch.rand(24, generator=g) + 0.5)
+
+    def bf16_inference(out_scale=None):
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            return layer(x, out_scale)
+
+    assert_close_in_bf16(bf16_inference(), linear(x, layer))
+    packed = fan.layers._PACKED_BF16_WEIGHTS[layer][2]
+    bf16_inference()
+    assert fan.layers._PACKED_BF16_WEIGHTS[layer][2] is packed
+    with torch.no_grad():
+        layer.weight.mul_(-2)
+        assert_close_in_bf16(bf16_inference(), linear(x, layer))
+        layer.bias.add_(3)
+        assert_close_in_bf16(bf16_inference(), linear(x, layer))
+        assert_close_in_bf16(bf16_inference(scale), linear(x, layer) * scale)
+        scale.mul_(2)
+        assert_close_in_bf16(bf16_inference(scale), linear(x, layer) * scale)
+        assert_close_in_bf16(bf16_inference(scale * 3), linear(x, layer) * scale * 3)
+    copied = copy.deepcopy(layer)
+    assert copied not in fan.layers._PACKED_BF16_WEIGHTS and pickle.loads(pickle.dumps(layer)).weight.shape == (24, 16)
+    layer.train()
+    assert layer not in fan.layers._PACKED_BF16_WEIGHTS
 
 
 H, W, C, HEADS = 5, 6, 16, 4
@@ -505,9 +539,12 @@ def test_bf16_autocast_inference_paths_match_the_formula(grid, monkeypatch):
     heads), channel attention (its input cast once) and the conv stem run their bfloat16 paths; their values are those
     of the float32 formula to bfloat16 rounding."""
     rows, cols = grid
-    tokens, scale = torch.randn(HEADS, rows * cols, C), torch.randn(C)
+    g = torch.Generator().manual_seed(0)  # (values independent of the tests run before)
+    tokens, scale = torch.randn(HEADS, rows * cols, C, generator=g), torch.randn(C, generator=g)
     layer, mixer = randomize(Linear(C, 24)), randomize(DepthwiseConvMixer(C))
     attn = randomize(TokenMixing(C, num_heads=HEADS))
+    with torch.no_grad():
+        attn.q.weight.mul_(0.25)  # logits of a few units, not tens: bfloat16's rounding of them stays below 2 %
     channel_attn = randomize(ChannelAttention(C, num_heads=HEADS, mlp_ratio=2.))
     stem = randomize(ConvStem(patch_size=16, in_chans=3, embed_dim=32))
     images = torch.randn(2, 3, 48, 32)

@@ -77,15 +77,26 @@ class WindowAttention(swin_transformer.WindowAttention):
     def _bf16_inference(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         B_, N, _ = x.shape
         h = self.num_heads
-        q_scale = torch.ones(self.qkv.out_features, device=x.device)
-        q_scale[:self.qkv.out_features // 3] = self.scale
-        q, k, v = self.qkv(x, q_scale).view(B_, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, h, N, d)
+        qkv = self.qkv(x, self._qkv_scale(x.device))
+        q, k, v = qkv.view(B_, N, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, h, N, d)
         bias = self._window_bias(mask)
         logits = q @ k.transpose(-2, -1)  # (B_, h, N, N), bfloat16
         logits.view(-1, *bias.shape).add_(bias.to(logits.dtype))
         torch.ops.aten._softmax.out(logits, -1, False, out=logits)
         x = (logits @ v).transpose(1, 2).reshape(B_, N, -1)
         return self.proj(x)
+
+    @torch.jit.ignore
+    def _qkv_scale(self, device: torch.device) -> torch.Tensor:
+        """The bfloat16 path's scale of qkv's output channels (3C,): d^-0.5 for q, 1 for k and v. Made once per device
+        (not a buffer: no state, no dtype casts), so that qkv's packed bfloat16 weight (``fan.layers.Linear``) is
+        reused."""
+        scale = self.__dict__.get('_q_scale')
+        if scale is None or scale.device != device:
+            scale = torch.ones(self.qkv.out_features, device=device)
+            scale[:self.qkv.out_features // 3] = self.scale
+            self.__dict__['_q_scale'] = scale
+        return scale
 
 
 class SwinBlock(SwinTransformerBlock):
