@@ -18,7 +18,7 @@ from fan.layers import (
     ChannelAttention, DepthwiseConv2d, DepthwiseConvMixer, DwConvMlp, FanBlock, Linear, OverlapPatchEmbed, SeMlp,
     TokenChunkedMlp, TokenMixing, use_fan_linear)
 from fan.models.fan import ConvNeXtBlock, ConvStem, LegacyLayerNorm, LegacyLayerNorm2d
-from fan.models.fan_swin import WindowAttention
+from fan.models.fan_swin import FanSwinBlock, SwinBlock, WindowAttention
 
 torch.manual_seed(0)
 ATOL = 1e-5
@@ -615,6 +615,22 @@ def test_window_attention_matches_the_formula(shifted, path, monkeypatch):
             assert_close_in_bf16(got[w], want)
         else:
             torch.testing.assert_close(got[w], want, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize('block_type', ['swin', 'fan-swin'])
+def test_swin_blocks_enter_the_window_partition_in_bf16_with_timms_values(block_type):
+    """Under CPU autocast to bfloat16 without autograd, the Swin blocks hand the window shift and partition a bfloat16
+    map; their outputs are exactly those of the same blocks given norm1's float32 output, timm's order (the attention's
+    first product rounds it to bfloat16 after the partition), shifted windows included."""
+    block_class = SwinBlock if block_type == 'swin' else FanSwinBlock
+    block = randomize(block_class(C, num_heads=2, input_resolution=(6, 6), window_size=3, shift_size=1))
+    x = torch.randn(2, 6, 6, C, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert block._attention_input(x).dtype == torch.bfloat16
+        got = block(x)
+        block._attention_input = block.norm1  # timm's forward: norm1's float32 output into the partition
+        want = block(x)
+    assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_bf16_token_attention_of_fewer_images_than_heads_takes_sdpa(monkeypatch):

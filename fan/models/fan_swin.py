@@ -24,7 +24,8 @@ from timm.models.swin_transformer import (
     checkpoint_filter_fn as swin_checkpoint_filter_fn,
 )
 
-from ..layers import ChannelAttention, Linear, onednn_inference, run_in_batch_chunks, use_fan_linear
+from ..layers import (
+    ChannelAttention, Linear, bf16_inference_input, onednn_inference, run_in_batch_chunks, use_fan_linear)
 from ._checkpoint import check_keys, unwrap_checkpoint
 
 # model_registry will add each entrypoint fn to this
@@ -100,7 +101,9 @@ class WindowAttention(swin_transformer.WindowAttention):
 
 
 class SwinBlock(SwinTransformerBlock):
-    """timm's Swin block (B, H, W, C) -> (B, H, W, C) with this module's ``WindowAttention``."""
+    """timm's Swin block (B, H, W, C) -> (B, H, W, C) with this module's ``WindowAttention``. In CPU bfloat16 autocast
+    inference the normed map enters the shift, padding and window partition already in bfloat16 (the attention's
+    first product rounds it there anyway): those three copies move half the bytes."""
 
     def __init__(self, dim: int, num_heads: int = 4, head_dim: Optional[int] = None, qkv_bias: bool = True,
                  proj_drop: float = 0., attn_drop: float = 0., device=None, dtype=None, **kwargs) -> None:
@@ -109,6 +112,20 @@ class SwinBlock(SwinTransformerBlock):
         self.attn = WindowAttention(
             dim, num_heads=num_heads, head_dim=head_dim, window_size=self.attn.window_size, qkv_bias=qkv_bias,
             attn_drop=attn_drop, proj_drop=proj_drop, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = x + self.drop_path1(self._attn(self._attention_input(x)))
+        x = x.reshape(B, -1, C)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(B, H, W, C)
+
+    def _attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        """norm1(x) for the map x (B, H, W, C), in bfloat16 under CPU bfloat16 autocast inference."""
+        x = self.norm1(x)
+        if not torch.jit.is_scripting():
+            x = bf16_inference_input(x, self.attn)
+        return x
 
 
 class FanSwinBlock(SwinBlock):
@@ -135,7 +152,7 @@ class FanSwinBlock(SwinBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = x + self.drop_path1(self._attn(self._attention_input(x)))
         x = x.reshape(B, -1, C)
         x = x + self.drop_path2(self.mlp(self.norm2(x), H, W))
         return x.reshape(B, H, W, C)
