@@ -70,21 +70,26 @@ class Linear(nn.Linear):
     ) -> torch.Tensor:
         """The oneDNN product without autograd of x (..., in_features) in its dtype, float32 or bfloat16 (with the
         packed weight), times ``out_scale`` if given, then ``gelu`` if given, in one call -> (..., out_features)."""
-        if x.dtype != torch.bfloat16:
-            return onednn_linear(x, *fold_out_scale(self.weight, self.bias, out_scale), gelu=gelu)
+        packed = self._packed_bf16(out_scale, x.numel() // x.shape[-1]) if x.dtype == torch.bfloat16 else None
+        weight, bias = packed or fold_out_scale(self.weight, self.bias, out_scale)
+        return onednn_linear(x, weight, bias, gelu=gelu)
+
+    @torch.jit.ignore
+    def _packed_bf16(self, out_scale: Optional[torch.Tensor], rows: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The bfloat16 weight in oneDNN's layout and bias, with ``out_scale`` folded in, packed for ``rows`` input rows
+        on the first call and then reused; None for inference tensors (no version counter to watch)."""
         tensors = (self.weight, self.bias) if out_scale is None else (self.weight, self.bias, out_scale)
-        if any(t.is_inference() for t in tensors):  # (no version counter to watch)
-            return onednn_linear(x, *fold_out_scale(self.weight, self.bias, out_scale), gelu=gelu)
+        if any(t.is_inference() for t in tensors):
+            return None
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         cached = _PACKED_BF16_WEIGHTS.get(self)
         if cached is None or cached[0] != key or cached[1]() is not out_scale:  # (a scale made per call: repacked)
             weight, bias = fold_out_scale(self.weight, self.bias, out_scale)
-            rows = x.numel() // x.shape[-1]
             scale_ref = (lambda: None) if out_scale is None else weakref.ref(out_scale)
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), rows)
             cached = key, scale_ref, packed, bias.bfloat16()
             _PACKED_BF16_WEIGHTS[self] = cached
-        return onednn_linear(x, cached[2], cached[3], gelu=gelu)
+        return cached[2], cached[3]
 
     def train(self, mode: bool = True) -> 'Linear':
         """Training mode also drops the packed bfloat16 weight (its memory; any weight written through ``.data``)."""
