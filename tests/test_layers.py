@@ -538,8 +538,8 @@ def assert_close_in_bf16(got: torch.Tensor, want: torch.Tensor) -> None:
 def test_bf16_autocast_inference_paths_match_the_formula(grid, monkeypatch):
     """Under CPU autocast to bfloat16 without autograd, Linear, the depthwise mixer (folded norm, padding taps taken
     back in bfloat16), token attention (explicit bfloat16 matmuls head by head instead of SDPA, for as many images as
-    heads), channel attention (its input cast once) and the conv stem run their bfloat16 paths; their values are those
-    of the float32 formula to bfloat16 rounding."""
+    heads), channel attention (its input cast once, its output in bfloat16) and the conv stem run their bfloat16
+    paths; their values are those of the float32 formula to bfloat16 rounding."""
     rows, cols = grid
     g = torch.Generator().manual_seed(0)  # (values independent of the tests run before)
     tokens, scale = torch.randn(HEADS, rows * cols, C, generator=g), torch.randn(C, generator=g)
@@ -568,10 +568,12 @@ def test_bf16_autocast_inference_paths_match_the_formula(grid, monkeypatch):
         assert_close_in_bf16(got[0][b], linear(tokens[b], layer))
         assert_close_in_bf16(got[1][b], tokens[b] + scale * naive_mixer(tokens[b], mixer, rows, cols))
         assert_close_in_bf16(got[2][b], naive_attention(tokens[b], attn))
-        # (float32 out: the float32 temperature promotes the gate)
-        assert_close_in_bf16(got[3][b].bfloat16(), naive_channel_attention(tokens[b], channel_attn, rows, cols))
+        # (bfloat16 out: the gate is cast to the values' dtype, so the residual stream stays in bfloat16)
+        assert_close_in_bf16(got[3][b], naive_channel_attention(tokens[b], channel_attn, rows, cols))
     with torch.no_grad():
         assert_close_in_bf16(stem_tokens, stem(images)[0])
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # with autograd the float32 gate promotes the output, as before
+        assert channel_attn(tokens, rows, cols).dtype == torch.float32
 
 
 @pytest.mark.parametrize('path', ['bf16', 'sdpa', 'explicit'])
