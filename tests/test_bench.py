@@ -260,3 +260,30 @@ def test_gpu_script_runs_on_the_cpu_quick(tmp_path):
         assert float(row['eager_infer']) > 0 and float(row['eager_train']) > 0 and not row['compiled_infer']
     table = (tmp_path / 'gpu.md').read_text()
     assert '| fan_tiny_12_p16_224 |' in table and 'inference batch 2' in table
+
+
+def test_vs_official_judges_the_bf16_target_on_the_paired_measure():
+    """benchmarks/vs_official.py's bf16 summary: the fresh-process speed-up is the ratio of the medians, the paired
+    one the median of the paired processes' ratios, and the target (1.6x) is judged on the paired one when present."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / 'benchmarks' / 'vs_official.py'
+    spec = importlib.util.spec_from_file_location('vs_official', path)
+    vs_official = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs_official)
+
+    def run(precision, **rates):
+        return dict(model='m', impl='ours', precision=precision, compile=False, matmul_fp32_gmacs=100.,
+                    matmul_bf16_gmacs=200., **rates)
+
+    runs = [run('fp32', infer_img_s=10.), run('fp32', infer_img_s=30.), run('bf16', infer_img_s=25.),
+            run('bf16', infer_img_s=35.)]
+    row, = vs_official.summarize_bf16(runs, ['m'])
+    assert row['bf16_speedup'] == pytest.approx(1.5) and row['bf16_target_met'] is False
+    assert row['matmul_bf16_over_fp32'] == pytest.approx(2.)
+    runs += [run('paired', fp32_infer_img_s=20., bf16_infer_img_s=34., bf16_over_fp32=r) for r in (1.5, 1.7, 1.9)]
+    row, = vs_official.summarize_bf16(runs, ['m'])
+    assert row['bf16_speedup'] == pytest.approx(1.5)  # (paired processes leave the fresh-process figures alone)
+    assert row['bf16_speedup_paired'] == pytest.approx(1.7) and row['bf16_target_met'] is True
+    assert row['paired_fp32_infer_img_s'] == 20. and row['paired_bf16_infer_img_s'] == 34.
