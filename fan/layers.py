@@ -384,7 +384,8 @@ class TokenChunkedMlp(Mlp):
     @torch.jit.ignore
     def _in_chunks(self, x: torch.Tensor) -> bool:
         return (
-            _plain_eager(x)
+            _MKLDNN_LINEAR
+            and _plain_eager(x)
             and x.device.type == 'cpu'
             and _needs_autograd(x, self)
             and self._gelu_between_linears()
@@ -397,8 +398,11 @@ class GeluMlpInChunks(torch.autograd.Function):
     """fc2(GELU(fc1(x))) for tokens x (..., C) in chunks of rows of at most ``TRAINING_CHUNK_BYTES`` of hidden values.
 
     Keeps only the fc1 outputs (one tensor per chunk) for the backward pass, which recomputes each chunk's GELU output
-    for fc2's weight gradient and then overwrites it with the hidden gradient. The weight gradients are summed over the
-    chunks; the values equal the unchunked computation up to float32 rounding.
+    for fc2's weight gradient. The weight gradients are summed over the chunks; the values equal the unchunked
+    computation up to float32 rounding. The forward products and the input gradients are oneDNN's linear (with the
+    weights transposed once per backward pass), the weight gradients MKL's ``addmm_`` (as in ``OneDnnLinear``): on
+    AMD CPUs MKL runs its AVX2 kernels, and oneDNN's products of these shapes ran 2.0-2.3x faster on a Zen 5 machine
+    (2 cores: 50176 x 128 x 512 in 17 against 38-41 ms).
     """
 
     @staticmethod
@@ -408,13 +412,9 @@ class GeluMlpInChunks(torch.autograd.Function):
         out = tokens.new_empty(tokens.shape[0], w2.shape[0])
         hidden = []
         for start in range(0, tokens.shape[0], rows):
-            h = F.linear(tokens[start:start + rows], w1, b1)
+            h = onednn_linear(tokens[start:start + rows], w1, b1)
             hidden.append(h)
-            a = F.gelu(h, approximate=approximate)
-            if b2 is None:
-                torch.mm(a, w2.t(), out=out[start:start + rows])
-            else:
-                torch.addmm(b2, a, w2.t(), out=out[start:start + rows])
+            out[start:start + rows] = onednn_linear(F.gelu(h, approximate=approximate), w2, b2)
         ctx.rows, ctx.approximate, ctx.in_shape = rows, approximate, x.shape
         ctx.save_for_backward(tokens, w1, b1, w2, b2, *hidden)
         return out.view(*x.shape[:-1], w2.shape[0])
@@ -429,6 +429,7 @@ class GeluMlpInChunks(torch.autograd.Function):
         grad_w1 = torch.zeros_like(w1) if need_w1 else None
         grad_b1 = torch.zeros_like(b1) if need_b1 else None
         grad_w2 = torch.zeros_like(w2) if need_w2 else None
+        w1_t, w2_t = w1.t().contiguous(), w2.t().contiguous()  # input gradients as oneDNN products (see the class)
         for index, h in enumerate(hidden):
             rows = slice(index * ctx.rows, index * ctx.rows + h.shape[0])
             g = grad_out[rows]
@@ -436,10 +437,10 @@ class GeluMlpInChunks(torch.autograd.Function):
             if need_w2:
                 grad_w2.addmm_(g.t(), a)
             if need_x or need_w1 or need_b1:
-                grad_h = torch.mm(g, w2, out=a)  # the GELU output is no longer needed: its memory takes the gradient
+                grad_h = onednn_linear(g, w2_t, None)
                 torch.ops.aten.gelu_backward.grad_input(grad_h, h, approximate=ctx.approximate, grad_input=grad_h)
                 if need_x:
-                    torch.mm(grad_h, w1, out=grad_x[rows])
+                    grad_x[rows] = onednn_linear(grad_h, w1_t, None)
                 if need_w1:
                     grad_w1.addmm_(grad_h.t(), tokens[rows])
                 if need_b1:
