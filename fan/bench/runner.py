@@ -70,15 +70,22 @@ def resolve_models(patterns: Sequence[str]) -> List[str]:
 
 
 def describe_machine(device: str) -> Dict[str, Any]:
-    """Where and when a benchmark ran: CPU, core count, GPU, library versions, date and 1-minute load average."""
-    cpu = platform.processor() or platform.machine()
+    """Where and when a benchmark ran: CPU (with its family and model numbers and the vector extensions that decide
+    the matmul rate: AVX-512, AVX512-BF16, AMX), core count, GPU, library versions, date and 1-minute load average."""
+    cpu, cpu_id, cpu_isa = platform.processor() or platform.machine(), None, None
     if Path('/proc/cpuinfo').exists():
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
+        first = Path('/proc/cpuinfo').read_text().split('\n\n')[0]
+        fields = dict(line.split(':', 1) for line in first.splitlines() if ':' in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        cpu = fields.get('model name', cpu)
+        if 'cpu family' in fields:
+            cpu_id = f"family {fields['cpu family']} model {fields.get('model', '?')}"
+        flags = fields.get('flags', '').split()
+        cpu_isa = ' '.join(f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags) or None
     return {
         'cpu': cpu,
+        'cpu_id': cpu_id,
+        'cpu_isa': cpu_isa,
         'cpu_count': os.cpu_count(),
         'gpu': torch.cuda.get_device_name(torch.device(device)) if device.startswith('cuda') else None,
         'torch': torch.__version__,
