@@ -28,8 +28,8 @@ import torch
 def matmul_gmacs(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
     """Multiply-adds per second (G) of square matrix products: the ceiling a model's matmuls can reach. The faster of
     torch's two CPU libraries for them, MKL (``a @ b``, what ``F.linear`` calls) and oneDNN (its linear, which fan's
-    layers call): on AMD CPUs MKL stays on its AVX2 kernels (91 against oneDNN's 155-170 GMAC/s in float32 on a Zen 5
-    machine), so MKL's rate alone is no ceiling there."""
+    layers call): on AMD CPUs MKL stays on its AVX2 kernels (66-98 against oneDNN's 160-205 GMAC/s in float32 on a
+    Zen 5 machine), so MKL's rate alone is no ceiling there."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     products = [lambda: a @ b]
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise'):
