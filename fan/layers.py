@@ -429,7 +429,9 @@ class GeluMlpInChunks(torch.autograd.Function):
         grad_w1 = torch.zeros_like(w1) if need_w1 else None
         grad_b1 = torch.zeros_like(b1) if need_b1 else None
         grad_w2 = torch.zeros_like(w2) if need_w2 else None
-        w1_t, w2_t = w1.t().contiguous(), w2.t().contiguous()  # input gradients as oneDNN products (see the class)
+        # the input gradients as oneDNN products (see the class): the weights transposed once
+        w2_t = w2.t().contiguous() if need_x or need_w1 or need_b1 else None
+        w1_t = w1.t().contiguous() if need_x else None
         for index, h in enumerate(hidden):
             rows = slice(index * ctx.rows, index * ctx.rows + h.shape[0])
             g = grad_out[rows]

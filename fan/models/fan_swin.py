@@ -117,8 +117,12 @@ class SwinBlock(SwinTransformerBlock):
         B, H, W, C = x.shape
         x = x + self.drop_path1(self._attn(self._attention_input(x)))
         x = x.reshape(B, -1, C)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path2(self._mlp(self.norm2(x), H, W))
         return x.reshape(B, H, W, C)
+
+    def _mlp(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """The MLP on the normed tokens x (B, H * W, C) of the (H, W) map."""
+        return self.mlp(x)
 
     def _attention_input(self, x: torch.Tensor) -> torch.Tensor:
         """norm1(x) for the map x (B, H, W, C), in bfloat16 under CPU bfloat16 autocast inference."""
@@ -150,12 +154,9 @@ class FanSwinBlock(SwinBlock):
             dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, drop=proj_drop,
             mlp_residual=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        x = x + self.drop_path1(self._attn(self._attention_input(x)))
-        x = x.reshape(B, -1, C)
-        x = x + self.drop_path2(self.mlp(self.norm2(x), H, W))
-        return x.reshape(B, H, W, C)
+    def _mlp(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """The channel attention on the normed tokens x (B, H * W, C), which mixes them over the (H, W) map."""
+        return self.mlp(x, H, W)
 
 
 class FanSwin(SwinTransformer):
