@@ -80,6 +80,8 @@ def main() -> None:
                         help='paired: fp32 and bf16 inference batches alternating in this process')
     parser.add_argument('--compile', action='store_true', help='torch.compile (inference only)')
     parser.add_argument('--no-train', action='store_true')
+    parser.add_argument('--optimize', action='store_true', help='ours: fan.optimize (the CPU fast modules)')
+    parser.add_argument('--tune-malloc', action='store_true', help="ours: fan.tune_malloc() (glibc's malloc settings)")
     args = parser.parse_args()
     if args.precision == 'paired' and args.compile:
         parser.error('--precision paired measures eager inference; leave out --compile')
@@ -88,11 +90,15 @@ def main() -> None:
         sys.path.insert(0, os.environ['OFFICIAL_FAN_DIR'])
         import models  # noqa: F401  (registers the official FAN models with timm 0.5.4)
     else:
-        import fan  # noqa: F401
+        import fan
+        if args.tune_malloc:
+            fan.tune_malloc()
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model(args.model)
+    if args.optimize:
+        fan.optimize(model)
     x = torch.randn(args.batch, 3, 224, 224)
     y = torch.randint(0, 1000, (args.batch,))
     autocast = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if args.precision == 'bf16' else \
@@ -109,7 +115,8 @@ def main() -> None:
 
     model.eval()
     result = {'impl': args.impl, 'model': args.model, 'batch': args.batch, 'threads': args.threads,
-              'precision': args.precision, 'compile': args.compile, 'torch': torch.__version__,
+              'precision': args.precision, 'compile': args.compile, 'optimize': args.optimize,
+              'tune_malloc': args.tune_malloc, 'torch': torch.__version__,
               'timm': timm.__version__}
     start = time.perf_counter()
     infer_step()

@@ -9,3 +9,4 @@ __version__ = '0.2.0'
 from .models import *  # noqa: F401,F403,E402  (registers the models with timm)
 from .errors import UserError  # noqa: E402
 from .factory import create_model, resolve_data_config  # noqa: E402
+from .cpu import optimize, tune_malloc  # noqa: E402

@@ -11,6 +11,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__
+from .cpu import tune_malloc
 from .errors import UserError
 
 COMMAND_MODULES = (
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_malloc()  # the command line's process-wide choice (FAN_TUNE_MALLOC=0 leaves glibc's defaults)
     try:
         return args.func(args) or 0
     except UserError as error:

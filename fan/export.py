@@ -133,7 +133,7 @@ def _run_export(args: argparse.Namespace) -> int:
     family = family_of(args.model)
     # one graph for every image size where the family needs an option for it (FAN-Swin: dynamic_img_size)
     extra = family.any_size_kwargs if family is not None and args.format in ('onnx', 'exported') else {}
-    model = model_from_args(args, **extra)
+    model = model_from_args(args, optimize=False, **extra)  # the plain model: what TorchScript and exporters take
     manifest = export_model(model, args.format, args.out, args.opset)
     errors = ', '.join(f'{tuple(c["input_shape"])}: {c["max_relative_error"]:.1e}' for c in manifest['checks'])
     print(f'{args.model} -> {args.out}/{", ".join(manifest["files"])} ({args.format}'
@@ -146,7 +146,7 @@ def add_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         'export', help='export a model to ONNX, TorchScript, torch.export (.pt2) or the Hugging Face hub layout',
         description='Writes the model and OUT/export.json; every export is run and compared with PyTorch first.')
-    add_model_options(parser)
+    add_model_options(parser, optimize=False)
     parser.add_argument('--format', choices=FORMATS, default='onnx', help='default: %(default)s')
     parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help='ONNX opset (default: %(default)s)')
     add_out_option(parser, 'export-out')

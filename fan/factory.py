@@ -121,6 +121,7 @@ def create_model(
         use_ema: bool = False,
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[torch.dtype] = None,
+        optimize: bool = False,
         **kwargs: Any,
 ) -> nn.Module:
     """Build a timm or FAN model, with weights, on ``device`` in ``dtype`` (train mode, as timm returns it).
@@ -135,6 +136,8 @@ def create_model(
         use_ema: Take the EMA weights of a training checkpoint (default: its ``state_dict``, as the official
             evaluation does).
         device, dtype: Where and in which type the weights end up.
+        optimize: Swap in the CPU fast modules (:func:`fan.optimize`); the default is the plain model, as
+            ``timm.create_model`` returns it.
         kwargs: Passed to the model's constructor (``drop_path_rate=0.1``, ``features_only=True``, ...).
     """
     check_model_name(name)
@@ -173,7 +176,11 @@ def create_model(
             if img_size is not None:
                 channels = module.pretrained_cfg.get('input_size', (3,))[0]
                 module.pretrained_cfg['input_size'] = (channels, img_size, img_size)
-    return model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=dtype)
+    if optimize:
+        from .cpu import optimize as optimize_model
+        optimize_model(model)
+    return model
 
 
 def resolve_data_config(

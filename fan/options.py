@@ -10,7 +10,7 @@ import os
 import random
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ from .errors import UserError
 from .factory import create_model
 
 __all__ = [
-    'PRECISIONS', 'add_model_options', 'model_from_args', 'add_data_option', 'add_out_option', 'add_run_options',
+    'PRECISIONS', 'add_model_options', 'model_from_args', 'uses_fast_modules', 'add_data_option', 'add_out_option', 'add_run_options',
     'resolve_device', 'autocast', 'seed_everything', 'default_workers',
 ]
 
@@ -31,9 +31,10 @@ def add_model_options(
         default: Optional[str] = None,
         num_classes: bool = True,
         img_size: bool = True,
+        optimize: bool = True,
 ) -> None:
     """``--model`` (required unless ``default``), ``--pretrained`` | ``--checkpoint``, ``--ema``, and optionally
-    ``--num-classes`` and ``--img-size``."""
+    ``--num-classes``, ``--img-size`` and ``--no-optimize``."""
     group = parser.add_argument_group('model')
     group.add_argument('--model', required=default is None, default=default,
                        help='any timm model name, FAN models included, optionally NAME.TAG for other weights'
@@ -52,14 +53,32 @@ def add_model_options(
                            help="classifier size (default: the checkpoint's head, else the model's)")
     if img_size:
         group.add_argument('--img-size', type=int, metavar='PX', help="square input size (default: the model's)")
+    if optimize:
+        group.add_argument('--no-optimize', dest='optimize', action='store_false',
+                           help='run the plain model on the CPU too (default: fan.optimize swaps in its CPU '
+                                'fast modules there)')
 
 
-def model_from_args(args: argparse.Namespace, device: Optional[torch.device] = None, **kwargs: Any) -> nn.Module:
-    """The model the options of :func:`add_model_options` describe (train mode, on ``device``)."""
+def model_from_args(
+        args: argparse.Namespace,
+        device: Optional[torch.device] = None,
+        optimize: Optional[bool] = None,
+        **kwargs: Any,
+) -> nn.Module:
+    """The model the options of :func:`add_model_options` describe (train mode, on ``device``; None: the CPU), with
+    the CPU fast modules (:func:`fan.optimize`) where it runs on the CPU, unless ``--no-optimize`` or ``optimize``
+    says otherwise."""
+    if optimize is None:
+        optimize = uses_fast_modules(args, device)
     return create_model(
         args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, use_ema=args.ema,
         num_classes=getattr(args, 'num_classes', None), img_size=getattr(args, 'img_size', None), device=device,
-        **kwargs)
+        optimize=optimize, **kwargs)
+
+
+def uses_fast_modules(args: argparse.Namespace, device: Optional[Union[str, torch.device]] = None) -> bool:
+    """Whether a command applies :func:`fan.optimize`: on the CPU, unless ``--no-optimize``."""
+    return getattr(args, 'optimize', True) and torch.device(device or 'cpu').type == 'cpu'
 
 
 def add_data_option(parser: argparse.ArgumentParser, help: str, required: bool = True, **kwargs: Any) -> None:

@@ -10,9 +10,10 @@ import timm
 import torch
 
 import fan
-import fan.layers
+from fan.cpu import kernels
+from fan.cpu.modules import FastWindowAttention
 from fan.models.fan import LegacyLayerNorm, LegacyLayerNorm2d
-from fan.models.fan_swin import FanSwin, WindowAttention
+from fan.models.fan_swin import FanSwin
 from fan.zoo import count_params
 
 CONFORMANCE = Path(__file__).parent / 'conformance'
@@ -66,11 +67,15 @@ def test_registered_models_and_params():
         assert count_params(name) == params, name
 
 
+@pytest.mark.parametrize('optimized', [False, True], ids=['plain', 'optimized'])
 @pytest.mark.parametrize('name', GOLDEN)
-def test_conformance_with_official_outputs(tmp_path, name):
+def test_conformance_with_official_outputs(tmp_path, name, optimized):
+    """The plain model, and the same model after fan.optimize, against the official outputs."""
     data = golden(name)
     path = released_file(tmp_path, recipe.official_state_dict(data['keys']), name)
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    if optimized:
+        fan.optimize(model)
     x = recipe.golden_input(data['input']['shape'], data['input']['seed'])
     with torch.no_grad():
         logits = model(x)
@@ -81,58 +86,29 @@ def test_conformance_with_official_outputs(tmp_path, name):
     assert sum(p.numel() for p in model.parameters()) == data['params']
 
 
+@pytest.mark.parametrize('optimized', [False, True], ids=['plain', 'optimized'])
 @pytest.mark.parametrize('name', GOLDEN)
-def test_bf16_autocast_inference_keeps_top1_on_golden_inputs(tmp_path, name, monkeypatch):
-    """CPU autocast to bfloat16 (the bfloat16 fast paths): every golden image keeps the official model's top-1 class,
-    and the logits stay within 5 % of the largest. FAN-Swin's window attention takes its bfloat16 path in every
-    block."""
+def test_bf16_autocast_inference_keeps_top1_on_golden_inputs(tmp_path, name, optimized, monkeypatch):
+    """CPU autocast to bfloat16, plain and optimized (the bfloat16 fast paths): every golden image keeps the official
+    model's top-1 class, and the logits stay within 5 % of the largest. Optimized FAN-Swin's window attention takes
+    its bfloat16 path in every block."""
     data = golden(name)
     path = released_file(tmp_path, recipe.official_state_dict(data['keys']), name)
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    if optimized:
+        fan.optimize(model)
     x = recipe.golden_input(data['input']['shape'], data['input']['seed'])
     bf16_window_attn = []
-    bf16_inference = WindowAttention._bf16_inference
-    monkeypatch.setattr(WindowAttention, '_bf16_inference',
+    bf16_inference = FastWindowAttention._bf16_inference
+    monkeypatch.setattr(FastWindowAttention, '_bf16_inference',
                         lambda module, *args: bf16_window_attn.append(module) or bf16_inference(module, *args))
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         logits = model(x).float()
     ref = torch.tensor(data['logits'])
     assert torch.equal(logits.argmax(1), ref.argmax(1))
     assert ((logits - ref).abs().max() / ref.abs().max()).item() < 5e-2
-    if isinstance(model, FanSwin) and fan.layers._MKLDNN_CONV:
+    if isinstance(model, FanSwin) and optimized:
         assert len(bf16_window_attn) == sum(len(stage.blocks) for stage in model.layers)
-
-
-@pytest.mark.parametrize('name', GOLDEN)
-def test_cpu_inference_in_batch_chunks_gives_the_whole_batch_outputs(name, monkeypatch):
-    """Without autograd in eval mode the CPU forward splits big batches (fan.layers.run_in_batch_chunks); the
-    outputs must be those of the whole batch (with autograd, so unsplit) for every image."""
-    monkeypatch.setattr(fan.layers, 'INFERENCE_CHUNK_BYTES', 2 ** 20)  # chunks at this test's small size
-    model = fan.create_model(name, num_classes=10, img_size=96).eval()
-    calls = []
-    model.patch_embed.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
-    x = torch.randn(7, 3, 96, 96)
-    with torch.no_grad():
-        chunked = model(x)
-    assert len(calls) > 1 and sum(calls) == 7
-    calls.clear()
-    whole = model(x)
-    assert calls == [7]
-    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize('name', ['fan_tiny_12_p16_224', 'fan_tiny_8_p4_hybrid'])
-def test_torch_func_transforms_take_the_reference_path(name):
-    """torch.func's grad and vmap through an eval-mode model (the fast paths' autograd Functions do not support
-    transforms, so they step aside): the same input gradient and outputs as plain autograd and a batched call."""
-    model = fan.create_model(name, num_classes=10, img_size=64).eval()
-    x = torch.randn(2, 3, 64, 64)
-    grad = torch.func.grad(lambda images: model(images).square().sum())(x)
-    x_ref = x.clone().requires_grad_()
-    model(x_ref).square().sum().backward()
-    torch.testing.assert_close(grad, x_ref.grad, atol=1e-5, rtol=1e-4)
-    batched = torch.func.vmap(lambda image: model(image[None])[0])(x)
-    torch.testing.assert_close(batched, model(x), atol=1e-5, rtol=1e-4)
 
 
 def _official_name(name: str) -> str:
@@ -142,15 +118,18 @@ def _official_name(name: str) -> str:
     return re.sub(r'^head\.fc\.', 'head.', name)
 
 
+@pytest.mark.parametrize('optimized', [False, True], ids=['plain', 'optimized'])
 @pytest.mark.parametrize('name', GOLDEN)
-def test_training_mode_matches_official_outputs_and_gradients(tmp_path, name, monkeypatch):
-    """Training mode (batch-statistics BatchNorm, recomputing mixers, the hybrids' ConvNeXt MLPs in chunks of tokens)
-    against the official implementation: logits, the input gradient and every parameter gradient of sum(logits * R)
-    (see conformance/make_train_golden.py)."""
-    monkeypatch.setattr(fan.layers, 'TRAINING_CHUNK_BYTES', 100_000)  # several chunks at this test's small size
+def test_training_mode_matches_official_outputs_and_gradients(tmp_path, name, optimized, monkeypatch):
+    """Training mode (batch-statistics BatchNorm; optimized: recomputing mixers, the hybrids' ConvNeXt MLPs in chunks
+    of tokens) against the official implementation: logits, the input gradient and every parameter gradient of
+    sum(logits * R) (see conformance/make_train_golden.py)."""
+    monkeypatch.setattr(kernels, 'TRAINING_CHUNK_BYTES', 100_000)  # several chunks at this test's small size
     data, ref = golden(name), json.loads((CONFORMANCE / 'train' / f'{name}.json').read_text())
     path = released_file(tmp_path, recipe.official_state_dict(data['keys']), name)
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), drop_path_rate=0.)
+    if optimized:
+        fan.optimize(model)
     model.train()
     x = recipe.golden_input(data['input']['shape'], data['input']['seed']).requires_grad_()
     logits = model(x)

@@ -31,6 +31,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         dtype=args.precision,
         channels_last=args.channels_last,
         compile=args.compile,
+        optimize=args.optimize and device.type == 'cpu',
         grad_checkpointing=args.grad_checkpointing,
         threads=args.threads,
         warmup=warmup if args.warmup is None else args.warmup,
@@ -146,6 +147,8 @@ def add_commands(subparsers) -> None:
     parser.add_argument('--amp', dest='precision', action='store_const', const='bf16', help='same as --precision bf16')
     parser.add_argument('--channels-last', action='store_true', help='channels-last memory format')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+    parser.add_argument('--no-optimize', dest='optimize', action='store_false',
+                        help='benchmark the plain models on the CPU too (default: with fan.optimize there)')
     parser.add_argument('--grad-checkpointing', action='store_true', help='gradient checkpointing when training')
     parser.add_argument('--threads', type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument('--warmup', type=int, help='untimed steps (default: 2 on CPU, 10 on CUDA)')

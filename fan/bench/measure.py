@@ -37,6 +37,7 @@ class BenchSettings:
     dtype: str = 'fp32'  # 'fp32', or autocast to 'bf16' / 'fp16'
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
+    optimize: bool = False  # fan.optimize (the CPU fast modules)
     grad_checkpointing: bool = False  # training only: recompute activations in the backward pass
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
     warmup: int = 2  # untimed steps
@@ -72,7 +73,7 @@ def build_model(model_name: str, settings: BenchSettings) -> Tuple[nn.Module, Tu
     Returns the model, its input size (C, H, W) and the extra ``create_model`` kwargs that size needed.
     """
     input_size, size_kwargs = resolve_input_size(model_name, settings.img_size)
-    model = create_model(model_name, device=settings.device, **size_kwargs)
+    model = create_model(model_name, device=settings.device, optimize=settings.optimize, **size_kwargs)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if settings.grad_checkpointing:

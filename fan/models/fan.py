@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm, LayerNorm2d, get_device_dtype, trunc_normal_, _assert
+from timm.layers import LayerNorm, LayerNorm2d, get_device_dtype, to_2tuple, trunc_normal_, _assert
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_model_deprecations
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -25,13 +25,10 @@ from timm.models import convnext
 from timm.models.xcit import ClassAttentionBlock, ConvPatchEmbed, PositionalEncodingFourier
 from timm.models.xcit import checkpoint_filter_fn as xcit_checkpoint_filter_fn
 
-from .. import layers
-from ..layers import (
-    ChannelAttention, DepthwiseConv2d, FanBlock, OverlapPatchEmbed, SeMlp, TokenChunkedMlp, batch_norm_scale_shift,
-    map_to_tokens, onednn_conv, onednn_inference, run_in_batch_chunks, tokens_to_map, use_fan_linear)
+from ..layers import ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, map_to_tokens, tokens_to_map
 from ._checkpoint import unwrap_checkpoint, check_keys
 
-__all__ = ['Fan', 'ConvStem', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add each entrypoint fn to this
+__all__ = ['Fan', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add each entrypoint fn to this
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -66,80 +63,12 @@ class LegacyLayerNorm(LayerNorm):
         return _unbiased_layer_norm(x, self.weight, self.bias, self.eps)
 
 
-class ConvStem(ConvPatchEmbed):
-    """The conv patch stem of FAN-ViT, timm's XCiT ``ConvPatchEmbed``: 3x3 stride-2 convs, each followed by
-    BatchNorm, with GELU between them; image (B, 3, H, W) -> tokens (B, H/p * W/p, D) and the grid (H/p, W/p).
-
-    CPU inference (float32, or bfloat16 under autocast) folds each eval-mode BatchNorm into its convolution (exact: the
-    norm follows the conv) and computes the GELU in the convolution's epilogue, one pass over each map instead of
-    three. (It ran the batch in chunks of 4 images while glibc's default malloc paged its 19 MB maps in afresh, 1.05x;
-    with ``fan.layers.tune_malloc`` chunks of 5 and 20 MiB and the whole batch of 16 measured the same, 49.5-49.6
-    img/s in float32, so the model's batch chunks, whose budget counts the stem's first map, are the only ones.)
-    The image enters in channels-last memory, so that
-    every map stays channels-last: oneDNN's second conv (24 -> 48 channels) ran at 48 GMAC/s on planar maps and at 89
-    on channels-last ones (2 cores), the stem alone 1.2x faster (FAN-T-ViT inference within the noise of fresh
-    processes). CPU training in float32 runs the unfolded stem on a channels-last copy of the image too: there the
-    third conv (48 -> 96) ran at 37 GMAC/s on planar maps; the stem's forward and backward took 97-107 ms instead of
-    133 at batch 16, a FAN-T-ViT training step 1.017x faster (in-process alternating rounds).
-    """
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        x = self.proj(x) if torch.jit.is_scripting() else self._maps(x)
-        return map_to_tokens(x), (x.shape[2], x.shape[3])
-
-    @torch.jit.ignore
-    def _maps(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = onednn_inference(x, self)
-        if dtype is not None:
-            # the cast first, then the layout: 1.3 ms for 16 images into bfloat16, against 3.1 ms in one strided copy
-            return self._folded(x.to(dtype).contiguous(memory_format=torch.channels_last))
-        if layers.cpu_fast_path_dtype(x) == torch.float32:  # CPU training: on channels-last maps as well
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.proj(x)
-
-    @torch.jit.ignore
-    def _folded(self, x: torch.Tensor) -> torch.Tensor:
-        modules = list(self.proj)
-        convs, activations = modules[::2], modules[1::2]  # timm's conv3x3 (Conv2d, BatchNorm2d), an activation between
-        for index, (conv, bn) in enumerate(convs):
-            activation = activations[index] if index < len(activations) else None
-            gelu = activation if isinstance(activation, nn.GELU) else None
-            scale, shift = batch_norm_scale_shift(bn)
-            bias = shift if conv.bias is None else conv.bias * scale + shift
-            x = onednn_conv(x, conv, conv.weight * scale[:, None, None, None], bias, gelu=gelu)
-            if activation is not None and gelu is None:
-                x = activation(x)
-        return x
-
-
-class ConvNeXtBlock(convnext.ConvNeXtBlock):
-    """timm's ConvNeXt block with the channels-last Linear MLP (``conv_mlp=False``), map (B, C, H, W) ->
-    (B, C, H, W): depthwise 7x7 conv -> norm -> MLP -> times the layer scale ``gamma`` -> + input. The MLP is a
-    ``TokenChunkedMlp`` and takes ``gamma`` as its ``out_scale`` (folded into fc2): no pass over the output for it,
-    and under bfloat16 autocast the output stays bfloat16 (timm's product with the float32 ``gamma`` on the
-    (B, C, H, W) view promotes it to float32 in a strided pass: 1.5 ms per 3 x 128 x 56 x 56 map, 2 cores). The
-    depthwise conv is a ``DepthwiseConv2d`` (a faster weight gradient in CPU training). Same parameters and names as
-    timm's block."""
-
-    def __init__(self, dim: int, mlp_ratio: float = 4., device=None, dtype=None, **kwargs) -> None:
-        super().__init__(dim, mlp_ratio=mlp_ratio, conv_mlp=False, device=device, dtype=dtype, **kwargs)
-        self.conv_dw = DepthwiseConv2d(dim, kernel_size=7, device=device, dtype=dtype)
-        self.mlp = TokenChunkedMlp(dim, int(mlp_ratio * dim), device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.norm(self.conv_dw(x).permute(0, 2, 3, 1))  # (B, H, W, C)
-        x = self.mlp(x, self.gamma).permute(0, 3, 1, 2)
-        return self.drop_path(x) + self.shortcut(shortcut)
-
-
 class HybridBackbone(nn.Module):
     """The ConvNeXt stem of FAN-Hybrid: k4 s4 conv + LayerNorm2d, then two ConvNeXt stages (128 and 256 channels).
 
-    Image (B, 3, H, W) -> stage maps [(B, 128, H/4, W/4), (B, 256, H/8, W/8)]. The blocks run channels-last with
-    Linear MLPs (timm's ``conv_mlp=False``), so the maps stay in channels-last memory without copies; the released
-    weights' 1x1-conv MLP weights are reshaped on load (``checkpoint_filter_fn``). The blocks are ``ConvNeXtBlock``:
-    timm's, with the layer scale folded into a ``TokenChunkedMlp`` (CPU fast paths in inference and training).
+    Image (B, 3, H, W) -> stage maps [(B, 128, H/4, W/4), (B, 256, H/8, W/8)]. The stages are timm's ConvNeXt
+    stages with Linear MLPs (``conv_mlp=False``); the released weights' 1x1-conv MLP weights are reshaped on load
+    (``checkpoint_filter_fn``).
     """
 
     def __init__(
@@ -158,13 +87,11 @@ class HybridBackbone(nn.Module):
             nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4, **dd),
             LayerNorm2d(dims[0], **dd),
         )
-        self.stages = nn.Sequential(*[  # timm's stages, built empty (depth 0), with the blocks above
-            convnext.ConvNeXtStage(dims[max(i - 1, 0)], dims[i], stride=1 if i == 0 else 2, depth=0,
-                                   norm_layer=norm_layer, **dd)
+        self.stages = nn.Sequential(*[
+            convnext.ConvNeXtStage(
+                dims[max(i - 1, 0)], dims[i], stride=1 if i == 0 else 2, depth=depths[i], ls_init_value=1e-6,
+                conv_mlp=False, norm_layer=norm_layer, norm_layer_cl=norm_layer_cl, **dd)
             for i in range(len(depths))])
-        for stage, dim, depth in zip(self.stages, dims, depths):
-            stage.blocks = nn.Sequential(*[
-                ConvNeXtBlock(dim, ls_init_value=1e-6, norm_layer=norm_layer_cl, **dd) for _ in range(depth)])
         self.feature_info = [
             dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'patch_embed.backbone.stages.{i}')
             for i in range(len(depths))]
@@ -224,6 +151,7 @@ class Fan(nn.Module):
 
     def __init__(
             self,
+            img_size: IntOrSeq = 224,
             patch_size: int = 16,
             in_chans: int = 3,
             num_classes: int = 1000,
@@ -254,6 +182,8 @@ class Fan(nn.Module):
     ) -> None:
         """
         Args:
+            img_size: Input size the model is built for (int or (H, W)), a multiple of the stem stride unless
+                ``dynamic_img_pad``; any other such size also runs (the positional encoding is computed per input).
             patch_size: Patch size of the conv stem (16 or 8); FAN-Hybrid always has stride 16.
             in_chans: Number of image channels.
             num_classes: Number of classes of the head (0 for no head).
@@ -298,6 +228,7 @@ class Fan(nn.Module):
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
         self.dynamic_img_pad = dynamic_img_pad
+        self.img_size = to_2tuple(img_size)
 
         if hybrid_depths is not None:
             self.patch_embed = HybridEmbed(in_chans, dims[0], depths=hybrid_depths, legacy_norm=legacy_norm, **dd)
@@ -306,33 +237,30 @@ class Fan(nn.Module):
         else:
             if patch_size not in (8, 16):
                 raise ValueError(f'patch_size must be 8 or 16 for the conv stem, got {patch_size}')
-            self.patch_embed = ConvStem(
+            self.patch_embed = ConvPatchEmbed(
                 patch_size=patch_size, in_chans=in_chans, embed_dim=dims[0], act_layer=act_layer, **dd)
             self.patch_size = patch_size
             stem_info = []
+        if not dynamic_img_pad and (self.img_size[0] % self.patch_size or self.img_size[1] % self.patch_size):
+            raise ValueError(f'img_size {self.img_size} is not a multiple of the stem stride {self.patch_size} '
+                             f'(dynamic_img_pad=True pads the input)')
         self.pos_embed = PositionalEncodingFourier(dim=dims[0], **dd) if use_pos_embed else None
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
-        # values per input pixel of the largest activation (sets the batch chunks of CPU inference): the MLP of the
-        # first ConvNeXt stage (4x its channels at stride 4) or the conv stem's first map (dim / 8 at stride 2), and
-        # the MLP hidden maps of the FAN blocks
-        stem_activation = 4 * stem_info[0]['num_chs'] / 4 ** 2 if stem_info else dims[0] // 8 / 2 ** 2
-        self.activation_per_pixel = max(stem_activation, mlp_ratio * dims[0] / self.patch_size ** 2)
-
         blocks = []
         self.feature_info = list(stem_info)
         reduction = self.patch_size
         for stage, (stage_depth, dim, stage_heads) in enumerate(zip(depths, dims, heads)):
             if se_mlp:
-                mlp_layer = partial(SeMlp, mlp_ratio=mlp_ratio, drop=proj_drop_rate)
+                mlp_layer = SeMlp
             else:
                 mlp_layer = partial(
-                    ChannelAttention, num_heads=stage_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                    attn_drop=attn_drop_rate, drop=proj_drop_rate)
+                    ChannelAttention, num_heads=stage_heads, qkv_bias=qkv_bias, attn_drop=attn_drop_rate)
             for i in range(stage_depth):
                 last_of_stage = i == stage_depth - 1 and stage + 1 < num_stages
                 blocks.append(FanBlock(
                     dim=dim,
                     num_heads=stage_heads,
+                    mlp_ratio=mlp_ratio,
                     qkv_bias=qkv_bias,
                     proj_drop=proj_drop_rate,
                     attn_drop=attn_drop_rate,
@@ -372,7 +300,6 @@ class Fan(nn.Module):
                 **dd,
             )
             for _ in range(cls_attn_layers)])
-        use_fan_linear(self.cls_attn_blocks)  # timm's nn.Linear layers -> fan.layers.Linear (same parameters)
         self.norm = norm_layer(dims[-1], **dd)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
@@ -436,15 +363,8 @@ class Fan(nn.Module):
         return x
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
-        """Image (B, C, H, W) -> patch tokens with positional encoding (B, N, D) and the grid (Hp, Wp).
-
-        In training the image enters the stem in channels-last memory: the stems' backward passes measured faster
-        that way on 2 CPU cores (FAN-T-Hybrid training steps 1.14x, FAN-T-ViT 1.03x). In inference only FAN-ViT's
-        folded stem takes it (``ConvStem``); FAN-Hybrid's measured no different."""
-        x = self._fit_input(x)
-        if self.training:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x, (Hp, Wp) = self.patch_embed(x)
+        """Image (B, C, H, W) -> patch tokens with positional encoding (B, N, D) and the grid (Hp, Wp)."""
+        x, (Hp, Wp) = self.patch_embed(self._fit_input(x))
         return self._add_pos_embed(x, Hp, Wp), Hp, Wp
 
     def _add_pos_embed(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -473,11 +393,6 @@ class Fan(nn.Module):
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():  # CPU inference runs big batches in chunks of images
-            return run_in_batch_chunks(self._features, x, self.activation_per_pixel, self.training)
-        return self._features(x)
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
         x, H, W = self._embed(x)
         x, H, W = self._run_blocks(x, H, W)
         if self.cls_token is not None:

@@ -24,7 +24,7 @@ def _add_preprocessing_options(parser: argparse.ArgumentParser) -> None:
 def _model_spec(args: argparse.Namespace, protocol: str = 'resize-crop') -> ModelSpec:
     return ModelSpec(args.model, args.pretrained, args.checkpoint, args.ema, args.img_size, args.crop_pct,
                      args.interpolation, tuple(args.mean) if args.mean else None,
-                     tuple(args.std) if args.std else None, protocol)
+                     tuple(args.std) if args.std else None, protocol, args.optimize)
 
 
 def _is_main_process() -> bool:

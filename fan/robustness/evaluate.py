@@ -80,6 +80,7 @@ class ModelSpec:
     mean: Optional[Tuple[float, ...]] = None
     std: Optional[Tuple[float, ...]] = None
     protocol: str = 'resize-crop'
+    optimize: bool = True  # fan.optimize on the CPU
 
     def build(self, device: torch.device) -> Tuple[torch.nn.Module, Dict, Callable]:
         """The model in eval mode on ``device`` (taking uint8 images), its data config, and the eval transform
@@ -87,7 +88,8 @@ class ModelSpec:
         if self.protocol not in PROTOCOLS:
             raise UserError(f'unknown protocol {self.protocol!r}; choose from {", ".join(PROTOCOLS)}')
         model = create_model(self.name, pretrained=self.pretrained, checkpoint=self.checkpoint,
-                             use_ema=self.use_ema, img_size=self.img_size)
+                             use_ema=self.use_ema, img_size=self.img_size,
+                             optimize=self.optimize and device.type == 'cpu')
         if model.num_classes != 1000:
             raise UserError(f'{self.name} has {model.num_classes} outputs; ImageNet evaluation needs 1000')
         data_config = resolve_data_config(model, crop_pct=self.crop_pct, interpolation=self.interpolation,
