@@ -20,9 +20,9 @@ import timm
 import torch
 import torch.nn as nn
 from timm.data import resolve_model_data_config
-from timm.models import clean_state_dict
 
 from .errors import MissingPathError, UserError
+from .models._checkpoint import unwrap_checkpoint
 from .registry import family_of, fan_models
 
 __all__ = ['create_model', 'resolve_data_config', 'load_checkpoint_file', 'check_model_name']
@@ -65,14 +65,13 @@ def load_checkpoint_file(path: PathLike, use_ema: bool = False) -> Dict[str, tor
         raise UserError(f'cannot read checkpoint {path}: {_load_failure(error)}') from None
     if not isinstance(checkpoint, dict):
         raise UserError(f'checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict')
-    keys = ('state_dict_ema', 'model_ema') if use_ema else ('state_dict', 'model')
-    key = next((k for k in keys if isinstance(checkpoint.get(k), dict)), None)
-    if key is None and use_ema:
-        raise UserError(f'checkpoint {path} has no EMA weights (no state_dict_ema); load it without EMA')
-    state_dict = checkpoint[key] if key else checkpoint
+    try:
+        state_dict = unwrap_checkpoint(checkpoint, use_ema)
+    except KeyError:
+        raise UserError(f'checkpoint {path} has no EMA weights (no state_dict_ema); load it without EMA') from None
     if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise UserError(f'checkpoint {path} is not a state dict (top-level keys: {sorted(checkpoint)[:10]})')
-    return clean_state_dict(state_dict)
+    return state_dict
 
 
 def _load_failure(error: Exception) -> str:

@@ -49,8 +49,8 @@ def released_file(tmp_path, state_dict, name, wrap='saver'):
     if wrap == 'saver':
         obj = {'state_dict': state_dict, 'epoch': 299, 'arch': name, 'version': 2, 'metric': 79.2,
                'args': argparse.Namespace(model=name, lr=2e-3), 'optimizer': {'state': {}, 'param_groups': []}}
-    elif wrap == 'ema':
-        obj = {'state_dict': {k: torch.zeros_like(v) for k, v in state_dict.items()}, 'state_dict_ema': state_dict,
+    elif wrap == 'ema':  # a release file of an EMA run: both, the EMA weights 1.05x the state_dict here
+        obj = {'state_dict': state_dict, 'state_dict_ema': {k: v * 1.05 for k, v in state_dict.items()},
                'args': argparse.Namespace(model=name)}
     elif wrap == 'ddp':
         obj = {'model': {'module.' + k: v for k, v in state_dict.items()}}
@@ -156,6 +156,38 @@ def test_checkpoint_wrappings_load(tmp_path, wrap):
     torch.testing.assert_close(model.state_dict()['blocks.3.mlp.temperature'], state_dict['blocks.3.mlp.temperature'])
 
 
+def test_every_entry_point_loads_the_state_dict_of_a_release_file(tmp_path, monkeypatch):
+    """A release file holding ``state_dict`` and ``state_dict_ema``: timm's ``pretrained=True`` (the release URL,
+    its download stubbed with the file), its ``pretrained_cfg_overlay=dict(file=...)``, ``fan.create_model`` with the
+    file or the tag, and a command all give the golden output of the ``state_dict``, as the official evaluation
+    does; the EMA weights only with ``use_ema=True``."""
+    import timm.models._builder
+
+    name = 'fan_tiny_12_p16_224'
+    data = golden(name)
+    path = released_file(tmp_path, recipe.official_state_dict(data['keys']), name, 'ema')
+    downloads = []
+    monkeypatch.setattr(timm.models._builder, 'download_cached_file',
+                        lambda url, **kwargs: downloads.append(url) or str(path))
+    monkeypatch.setattr('fan.factory._official_file', lambda tag: downloads.append(tag) or path)
+    x = recipe.golden_input(data['input']['shape'], data['input']['seed'])
+    expected = torch.tensor(data['logits'])
+    models = {
+        'timm pretrained': timm.create_model(f'{name}.nv_in1k', pretrained=True),
+        'timm overlay file': timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))),
+        'fan checkpoint': fan.create_model(name, checkpoint=path),
+        'fan pretrained': fan.create_model(f'{name}.nv_in1k', pretrained=True),
+    }
+    assert len(downloads) == 2
+    for source, model in models.items():
+        with torch.no_grad():
+            logits = model.eval()(x)
+        assert ((logits - expected).abs().max() / expected.abs().max()).item() < 1e-4, source
+    ema = fan.create_model(name, checkpoint=path, use_ema=True).eval()
+    torch.testing.assert_close(ema.state_dict()['blocks.3.mlp.temperature'],
+                               1.05 * models['fan checkpoint'].state_dict()['blocks.3.mlp.temperature'])
+
+
 def test_checkpoint_filter_splits_fused_class_attention_qkv():
     name = 'fan_tiny_12_p16_224'
     state_dict = recipe.official_state_dict(golden(name)['keys'])
@@ -188,7 +220,7 @@ def test_checkpoint_with_arbitrary_pickle_is_refused(tmp_path):
     name = 'fan_tiny_12_p16_224'
     path = tmp_path / 'evil.pth.tar'
     torch.save({'state_dict': {}, 'payload': NotAllowed()}, path)
-    with pytest.raises(RuntimeError, match='weights_only'):
+    with pytest.raises(ValueError, match='unsafe to load'):
         timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
 

@@ -1,20 +1,51 @@
-"""Checks shared by the checkpoint filters: unwrap training checkpoints, compare keys with the model."""
-from typing import Any, Dict
+"""Checks shared by the checkpoint filters (unwrap training checkpoints, compare keys with the model), and the
+loading of release files that every entry point shares."""
+from typing import Any, Callable, Dict
 
 import torch
 import torch.nn as nn
 from timm.models import clean_state_dict
 
 # the official evaluation loads the released files' state_dict (timm 0.5.4 load_checkpoint without --use-ema)
-_WRAPPER_KEYS = ('state_dict', 'model', 'state_dict_ema', 'model_ema')
+_WRAPPER_KEYS = ('state_dict', 'model')
+_EMA_KEYS = ('state_dict_ema', 'model_ema')
 
 
-def unwrap_checkpoint(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """A timm training checkpoint (its ``state_dict``, as the official evaluation takes; ``fan.create_model``
-    chooses EMA weights before the filter runs) or a bare state dict -> state dict, with the ``module.`` (DDP) and
-    ``_orig_mod.`` (torch.compile) prefixes removed."""
-    key = next((k for k in _WRAPPER_KEYS if isinstance(checkpoint.get(k), dict)), None)
+def unwrap_checkpoint(checkpoint: Dict[str, Any], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """A timm training checkpoint (its ``state_dict``, as the official evaluation takes, or with ``use_ema`` its
+    ``state_dict_ema``) or a bare state dict -> state dict, with the ``module.`` (DDP) and ``_orig_mod.``
+    (torch.compile) prefixes removed. A checkpoint with EMA weights only gives those. Raises a ``KeyError`` for
+    ``use_ema`` without EMA weights."""
+    keys = _EMA_KEYS if use_ema else _WRAPPER_KEYS + _EMA_KEYS
+    key = next((k for k in keys if isinstance(checkpoint.get(k), dict)), None)
+    if key is None and use_ema:
+        raise KeyError('no EMA weights (no state_dict_ema)')
     return clean_state_dict(checkpoint[key] if key else checkpoint)
+
+
+def load_release_file(model: nn.Module, path: str, filter_fn: Callable) -> None:
+    """Load a release file (or any checkpoint file) into ``model`` as ``timm.create_model(name, pretrained=True)``
+    and its ``pretrained_cfg_overlay=dict(file=...)`` do: the FAN cfgs set timm's ``custom_load``, so timm hands the
+    downloaded or given file here instead of its own file loader, which prefers ``state_dict_ema``. The file is read
+    by ``fan.create_model``'s loader (``weights_only=True``, its ``state_dict``: the weights the official evaluation
+    loads), then timm's ``load_pretrained`` applies the checkpoint filter and adapts the head and input channels."""
+    from timm.models._builder import load_pretrained
+
+    from ..factory import load_checkpoint_file
+
+    cfg = dict(model.pretrained_cfg, state_dict=load_checkpoint_file(path))
+    load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=model.in_chans,
+                    filter_fn=filter_fn)
+
+
+def release_file_loading(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """A model's build kwargs with a ``pretrained_cfg_overlay`` that names a ``file`` or ``url`` set to load it
+    through ``load_release_file`` (timm resets ``custom_load`` for such an overlay unless it is given explicitly, and
+    its own file loader takes ``state_dict_ema`` first). An explicit ``custom_load`` in the overlay wins."""
+    overlay = kwargs.get('pretrained_cfg_overlay')
+    if overlay and (overlay.get('file') or overlay.get('url')):
+        kwargs = dict(kwargs, pretrained_cfg_overlay={'custom_load': True, **overlay})
+    return kwargs
 
 
 def check_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:

@@ -8,7 +8,6 @@ official computation; it reproduces the official outputs and loads the released 
 Structure (XCiT-like): conv patch stem (or a 2-stage ConvNeXt for the hybrids) -> Fourier positional encoding ->
 FAN blocks (self-attention + efficient channel attention) -> 2 class-attention blocks -> norm -> linear head.
 """
-import argparse
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
@@ -26,7 +25,7 @@ from timm.models.xcit import ClassAttentionBlock, ConvPatchEmbed, PositionalEnco
 from timm.models.xcit import checkpoint_filter_fn as xcit_checkpoint_filter_fn
 
 from ..layers import ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, map_to_tokens, tokens_to_map
-from ._checkpoint import unwrap_checkpoint, check_keys
+from ._checkpoint import check_keys, load_release_file, release_file_loading, unwrap_checkpoint
 
 __all__ = ['Fan', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add each entrypoint fn to this
 
@@ -317,6 +316,11 @@ class Fan(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Release file -> weights (its ``state_dict``), for timm's ``custom_load`` (``load_release_file``)."""
+        load_release_file(self, checkpoint_path, checkpoint_filter_fn)
+
+    @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return {'cls_token'} | {n for n, _ in self.named_parameters() if n.startswith('pos_embed.')}
 
@@ -506,16 +510,14 @@ def _create_fan(variant: str, pretrained: bool = False, **kwargs) -> Fan:
     # features_only: the last 3 blocks of FAN-ViT; the stride 4 / 8 / 16 maps of FAN-Hybrid
     hybrid = kwargs.get('hybrid_depths') is not None
     out_indices = kwargs.pop('out_indices', (0, 1, -1) if hybrid else 3)
-    # released checkpoints are training checkpoints that pickle their argparse.Namespace; allow that class only
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return build_model_with_cfg(
-            Fan,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-            **kwargs,
-        )
+    return build_model_with_cfg(
+        Fan,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **release_file_loading(kwargs),
+    )
 
 
 _RELEASE_URL = 'https://github.com/zhoudaquan/fully_attentional_network_ckpt/releases/download/v1.0.0/'
@@ -530,6 +532,7 @@ def _cfg(file: str = '', **kwargs) -> Dict[str, Any]:
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj.0.0', 'classifier': 'head',
         'license': _LICENSE if file else None,
+        'custom_load': True,  # the release file's state_dict, not timm's EMA-first file loading (load_pretrained)
         'paper_ids': 'arXiv:2204.12451', 'paper_name': 'Understanding The Robustness in Vision Transformers',
         'origin_url': 'https://github.com/NVlabs/FAN',
         **kwargs,

@@ -24,7 +24,7 @@ from timm.models.swin_transformer import (
 )
 
 from ..layers import ChannelAttention
-from ._checkpoint import check_keys, unwrap_checkpoint
+from ._checkpoint import check_keys, load_release_file, release_file_loading, unwrap_checkpoint
 
 # model_registry will add each entrypoint fn to this
 __all__ = ['FanSwin', 'FanSwinBlock']
@@ -162,6 +162,11 @@ class FanSwin(SwinTransformer):
                 for j in range(depth)])
         self.init_weights(mode='', needs_reset=False)
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Checkpoint file -> weights (its ``state_dict``), for timm's ``custom_load`` (``load_release_file``)."""
+        load_release_file(self, checkpoint_path, checkpoint_filter_fn)
+
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: FanSwin) -> Dict[str, torch.Tensor]:
     """Official FAN-Swin checkpoint (timm 0.5.4 Swin layout, training-checkpoint dict or bare) -> this model."""
@@ -178,7 +183,7 @@ def _create_fan_swin(variant: str, pretrained: bool = False, **kwargs) -> FanSwi
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
+        **release_file_loading(kwargs),
     )
 
 
@@ -189,6 +194,7 @@ def _cfg(**kwargs) -> Dict[str, Any]:
         'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj', 'classifier': 'head.fc',
+        'custom_load': True,  # a checkpoint file's state_dict, not timm's EMA-first file loading (load_pretrained)
         'paper_ids': 'arXiv:2204.12451', 'paper_name': 'Understanding The Robustness in Vision Transformers',
         'origin_url': 'https://github.com/NVlabs/FAN',
         **kwargs,
