@@ -4,6 +4,7 @@ Results are written to a temporary file beside the target and renamed over it, s
 the previous complete file or the new one, never half of one.
 """
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -39,15 +40,11 @@ def write_json(path: PathLike, document: Any, indent: int = 2) -> Path:
 
 def write_csv(path: PathLike, rows: Iterable[Dict[str, Any]], columns: Sequence[str]) -> Path:
     """Rows as CSV with these columns (other keys ignored, missing ones empty), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f'.{path.name}.tmp')
-    with temporary.open('w', newline='') as file:
-        writer = csv.DictWriter(file, fieldnames=list(columns), extrasaction='ignore')
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
-    return path
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction='ignore', lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_atomic(path, text.getvalue())
 
 
 def save_torch(path: PathLike, obj: Any) -> Path:
@@ -57,7 +54,10 @@ def save_torch(path: PathLike, obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f'.{path.name}.tmp')
-    torch.save(obj, temporary)
+    with open(temporary, 'wb') as file:
+        torch.save(obj, file)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(temporary, path)
     return path
 

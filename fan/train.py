@@ -17,8 +17,6 @@ epoch, so with ``-j 0`` a resumed run ends with exactly the weights of an uninte
 """
 import argparse
 import ast
-import csv
-import io
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +38,7 @@ from .augment import SmoothMix
 from .distributed import DistributedContext, distributed_context
 from .errors import MissingPathError, UserError
 from .factory import resolve_data_config
-from .io import save_torch, write_atomic
+from .io import save_torch, write_atomic, write_csv
 from .options import (add_data_option, add_model_options, add_out_option, add_run_options, autocast, model_from_args,
                       seed_everything, uses_fast_modules)
 
@@ -217,14 +215,6 @@ def _evaluate(model: nn.Module, loader: DataLoader, context: DistributedContext,
     return {'eval_loss': loss / count, 'eval_top1': 100 * top1 / count, 'eval_top5': 100 * top5 / count}
 
 
-def _write_summary(path: Path, rows: List[Dict[str, Any]]) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS, extrasaction='ignore', lineterminator='\n')
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, text.getvalue())
-
-
 def _plain(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != 'func'}
 
@@ -363,7 +353,7 @@ def _train(args: argparse.Namespace, context: DistributedContext) -> Dict[str, A
             save_torch(last_path, state)
             if improved:
                 save_torch(out / 'model_best.pth.tar', {k: v for k, v in state.items() if k != 'optimizer'})
-            _write_summary(out / 'summary.csv', rows)
+            write_csv(out / 'summary.csv', rows, SUMMARY_COLUMNS)
             print(f'epoch {epoch + 1}/{num_epochs}: train loss {row["train_loss"]:.4f}, eval loss '
                   f'{row["eval_loss"]:.4f}, top-1 {row["eval_top1"]:.2f} %, top-5 {row["eval_top5"]:.2f} %, '
                   f'lr {row["lr"]:.3g}, {time.perf_counter() - started:.1f} s' + (' (best)' if improved else ''),

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_model_data_config
 
-import fan.robustness.benchmarks as benchmarks
+import fan.robustness.driver as driver
 from fan.cli import main
 from fan.robustness.data import find_imagenet_c_cells, imagenet_subset_indices, list_class_folders
 
@@ -140,7 +140,7 @@ def test_eval_c_matches_naive_loop(imagenet_c, tmp_path):
 def test_resume_after_interrupted_run(imagenet_c, tmp_path, monkeypatch):
     reference_out = tmp_path / 'uninterrupted'
     assert main(_eval_c_args(imagenet_c, reference_out, '--workers', '0')) == 0
-    real_evaluate_cells = benchmarks.evaluate_cells
+    real_evaluate_cells = driver.evaluate_cells
     evaluated = []
 
     def interrupted_after_two_cells(model, transform, cells, context, on_cell_done, **kwargs):
@@ -152,7 +152,7 @@ def test_resume_after_interrupted_run(imagenet_c, tmp_path, monkeypatch):
         return real_evaluate_cells(model, transform, cells, context, tracking, **kwargs)
 
     out = tmp_path / 'res'
-    monkeypatch.setattr(benchmarks, 'evaluate_cells', interrupted_after_two_cells)
+    monkeypatch.setattr(driver, 'evaluate_cells', interrupted_after_two_cells)
     assert main(_eval_c_args(imagenet_c, out, '--workers', '0')) == 130  # interrupted
     assert sorted(json.loads((out / 'imagenet_c.json').read_text())['cells']) == sorted(evaluated)
     assert len(evaluated) == 2 and not (out / 'imagenet_c.md').exists()
@@ -163,7 +163,7 @@ def test_resume_after_interrupted_run(imagenet_c, tmp_path, monkeypatch):
         requested.append(list(cells))
         return real_evaluate_cells(model, transform, cells, context, on_cell_done, **kwargs)
 
-    monkeypatch.setattr(benchmarks, 'evaluate_cells', recording)
+    monkeypatch.setattr(driver, 'evaluate_cells', recording)
     assert main(_eval_c_args(imagenet_c, out, '--workers', '0')) == 0
     assert sorted(requested[0]) == sorted(set(CELLS) - set(evaluated))  # only the unfinished cells
     assert json.loads((out / 'imagenet_c.json').read_text()) == json.loads((reference_out / 'imagenet_c.json').read_text())

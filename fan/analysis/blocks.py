@@ -11,9 +11,9 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from timm.data import resolve_model_data_config
 
+from ..layers import map_to_tokens
 from .spectrum import TokenSpectrum, token_spectrum
 
 __all__ = [
@@ -64,11 +64,6 @@ def pool_to_max_tokens(feature_map: torch.Tensor, max_tokens: Optional[int]) -> 
     while math.ceil(height / factor) * math.ceil(width / factor) > max_tokens:
         factor += 1
     return F.adaptive_avg_pool2d(feature_map, (math.ceil(height / factor), math.ceil(width / factor)))
-
-
-def map_to_tokens(feature_map: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) map -> (B, H*W, C) tokens in raster order."""
-    return rearrange(feature_map, 'b c h w -> b (h w) c')
 
 
 def block_spectra(

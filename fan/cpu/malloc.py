@@ -2,7 +2,7 @@
 
 The library never calls this by itself: the ``fan`` command line does (unless ``FAN_TUNE_MALLOC=0``), and so does the
 benchmark runner. A library user who wants the same calls :func:`tune_malloc` once, or starts Python with
-``GLIBC_TUNABLES=glibc.malloc.trim_threshold=-1:glibc.malloc.mmap_max=0`` (the same two settings), which also
+``GLIBC_TUNABLES`` set to ``fan.cpu.GLIBC_TUNABLES`` (the same two settings: no trimming, no mmaps), which also
 covers processes such as data-loader workers.
 """
 import ctypes
@@ -12,7 +12,7 @@ import sys
 
 __all__ = ['tune_malloc', 'GLIBC_TUNABLES']
 
-GLIBC_TUNABLES = 'glibc.malloc.trim_threshold=-1:glibc.malloc.mmap_max=0'  # what tune_malloc sets, for the environment
+GLIBC_TUNABLES = f'glibc.malloc.trim_threshold={2 ** 64 - 1}:glibc.malloc.mmap_max=0'  # tune_malloc's settings
 _GLIBC = sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc'
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 

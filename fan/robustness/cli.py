@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..options import add_data_option, add_model_options, add_out_option, add_run_options, default_workers
-from .benchmarks import DATASETS, run_classification, run_imagenet_c
+from .driver import DATASETS, run_classification, run_imagenet_c
 from .corrupt import make_imagenet_c
 from .evaluate import PROTOCOLS, ModelSpec
 from .metrics import ALL_CORRUPTIONS, SEVERITIES

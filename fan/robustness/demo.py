@@ -5,7 +5,7 @@ import torch
 
 from fan.data import bundled_photos
 
-from .benchmarks import run_imagenet_c
+from .driver import run_imagenet_c
 from .corrupt import make_imagenet_c
 from .evaluate import ModelSpec
 from .metrics import SEVERITIES

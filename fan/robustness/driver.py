@@ -1,4 +1,4 @@
-"""``eval-c`` and ``eval`` end to end: find the data, resume, evaluate, write the results.
+"""The ``eval-c`` and ``eval`` driver, end to end: find the data, resume, evaluate, write the results.
 
 Both run unchanged on one process or under ``torchrun --nproc_per_node N``; only rank 0 writes files.
 """
