@@ -262,9 +262,7 @@ def test_gpu_script_runs_on_the_cpu_quick(tmp_path):
     assert '| fan_tiny_12_p16_224 |' in table and 'inference batch 2' in table
 
 
-def test_vs_official_judges_the_bf16_target_on_the_paired_measure():
-    """benchmarks/vs_official.py's bf16 summary: the fresh-process speed-up is the ratio of the medians, the paired
-    one the median of the paired processes' ratios, and the target (1.6x) is judged on the paired one when present."""
+def _vs_official_module():
     import importlib.util
     from pathlib import Path
 
@@ -272,10 +270,39 @@ def test_vs_official_judges_the_bf16_target_on_the_paired_measure():
     spec = importlib.util.spec_from_file_location('vs_official', path)
     vs_official = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(vs_official)
+    return vs_official
+
+
+def test_vs_official_summarizes_each_variant_against_the_official_code():
+    """benchmarks/vs_official.py: one row per model and variant, medians over rounds, ratios against the official
+    medians, the plain targets (>= 1.0 / 1.0, memory <= 0.9) and the optimized ones (the former in-model ratios)."""
+    vs_official = _vs_official_module()
+    name = 'fan_tiny_12_p16_224'
+
+    def run(impl, variant, infer, train, rss):
+        return dict(model=name, impl=impl, variant=variant, precision='fp32', infer_img_s=infer, train_img_s=train,
+                    peak_rss_mib=rss)
+
+    runs = [run('official', 'official', 10., 5., 1000.), run('official', 'official', 12., 5., 1000.),
+            run('ours', 'plain', 11., 5.5, 800.), run('ours', 'plain', 13., 4.5, 800.),
+            run('ours', 'optimized', 14., 5.2, 850.), run('ours', 'optimized', 12., 5.2, 850.),
+            dict(model=name, impl='ours', variant='compiled', precision='fp32', infer_img_s=22., compile=True)]
+    plain, optimized, compiled = vs_official.summarize(runs, [name])
+    assert (plain['variant'], plain['infer_ratio'], plain['train_ratio']) == ('plain', 1.0909090909090908, 1.0)
+    assert plain['memory_ratio'] == pytest.approx(0.8) and plain['targets_missed'] == ''
+    assert optimized['infer_ratio'] == pytest.approx(13 / 11) and optimized['infer_vs_plain'] == pytest.approx(13 / 12)
+    assert optimized['targets_missed'] == 'train_ratio >= 1.09'  # inference 1.18 met, training 1.04 missed
+    assert compiled['infer_ratio'] == 2.0 and 'train_ratio' not in compiled
+
+
+def test_vs_official_judges_the_bf16_target_on_the_paired_measure():
+    """benchmarks/vs_official.py's bf16 summary: the fresh-process speed-up is the ratio of the medians, the paired
+    one the median of the paired processes' ratios, and the target (1.6x) is judged on the paired one when present."""
+    vs_official = _vs_official_module()
 
     def run(precision, **rates):
-        return dict(model='m', impl='ours', precision=precision, compile=False, matmul_fp32_gmacs=100.,
-                    matmul_bf16_gmacs=200., **rates)
+        return dict(model='m', impl='ours', variant='optimized', precision=precision, compile=False,
+                    matmul_fp32_gmacs=100., matmul_bf16_gmacs=200., **rates)
 
     runs = [run('fp32', infer_img_s=10.), run('fp32', infer_img_s=30.), run('bf16', infer_img_s=25.),
             run('bf16', infer_img_s=35.)]
