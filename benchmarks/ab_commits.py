@@ -5,7 +5,7 @@ Each commit is checked out in a temporary git worktree and imported from there (
 one, so both see the same background load. For a change's before / after figures on this noisy machine.
 
     python benchmarks/ab_commits.py OLD NEW [fan_tiny_12_p16_224 ...] [--rounds 3] [--precision bf16] [--no-train]
-        --out benchmarks/results/vs_official_zen4/training_change_ab.csv
+        --out training_change_ab.csv
 
 Writes one CSV row per process (round, model, commit, rates, the process's matrix-multiply rates) and prints the
 medians and their ratio per model.

@@ -1,8 +1,8 @@
 """Depthwise conv weight gradient on the CPU: oneDNN's (autograd's ``convolution_backward``) against
-``fan.layers.DepthwiseConv2d``'s swapped forward conv, on channels-last maps of batch 16 (the FAN-Hybrid ConvNeXt
+``fan.cpu.FastDepthwiseConv2d``'s swapped forward conv, on channels-last maps of batch 16 (the FAN-Hybrid ConvNeXt
 stages' 7x7 kernels, and 3x3 mixer maps for comparison).
 
-    python benchmarks/depthwise_weight_grad.py --out benchmarks/results/vs_official_zen4/depthwise_weight_grad.csv
+    python benchmarks/depthwise_weight_grad.py --out depthwise_weight_grad.csv
 
 Each row: the shape, the median milliseconds of each way (weight and bias gradients; the swapped way with its copies
 to planar layout), and the largest difference between the two gradients relative to the largest gradient value.
@@ -14,8 +14,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fan.cpu import tune_malloc
+from fan.cpu.kernels import depthwise_weight_grad
 from fan.io import write_csv
-from fan.layers import depthwise_weight_grad, tune_malloc
 
 SHAPES = [(128, 56, 7), (256, 28, 7), (768, 14, 3), (384, 56, 3)]  # (channels, map side, kernel)
 

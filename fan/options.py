@@ -19,7 +19,8 @@ from .errors import UserError
 from .factory import create_model
 
 __all__ = [
-    'PRECISIONS', 'add_model_options', 'model_from_args', 'uses_fast_modules', 'add_data_option', 'add_out_option', 'add_run_options',
+    'PRECISIONS', 'add_model_options', 'model_from_args', 'uses_fast_modules', 'add_data_option', 'add_out_option',
+    'add_run_options',
     'resolve_device', 'autocast', 'seed_everything', 'default_workers',
 ]
 

@@ -237,7 +237,8 @@ def _train(args: argparse.Namespace, context: DistributedContext) -> Dict[str, A
         raise MissingPathError(f'nothing to resume: {last_path} not found')
     _seed_epoch(args.seed, 0, 0)  # the same initial weights on every rank
 
-    model = model_from_args(args, optimize=uses_fast_modules(args, context.device), drop_rate=settings['drop'], drop_path_rate=settings['drop_path'],
+    model = model_from_args(args, optimize=uses_fast_modules(args, context.device), drop_rate=settings['drop'],
+                            drop_path_rate=settings['drop_path'],
                             **_model_kwargs(args.model_kwargs))
     data_config = resolve_data_config(model, img_size=settings['img_size'])
     train_set, val_set, num_classes = _datasets(args, settings, data_config)

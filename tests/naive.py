@@ -19,6 +19,17 @@ def randomize(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
+def randomize_norm_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """Random running statistics for every BatchNorm of a model (not the 0 / 1 of a new one, which would hide a norm
+    that is skipped or folded wrongly); the weights stay as the model initialised them."""
+    g = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(0.1 * torch.randn(module.num_features, generator=g))
+            module.running_var.copy_(torch.rand(module.num_features, generator=g) + 0.5)
+    return model
+
+
 def gelu(x):
     return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
 

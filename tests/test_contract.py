@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 import fan  # noqa: F401  (registers the FAN models)
+from naive import randomize_norm_statistics
 
 MODELS = [
     'fan_tiny_12_p16_224', 'fan_tiny_8_p4_hybrid', 'fan_swin_tiny_patch4_window7_224',  # ours
@@ -22,13 +23,7 @@ def build(name: str) -> nn.Module:
     """The model at 64 px with 10 classes and no stochastic depth; BatchNorm statistics randomised (not 0 / 1)."""
     torch.manual_seed(0)
     kwargs = {} if name.startswith('convnext') else {'img_size': SIZE}
-    model = timm.create_model(name, num_classes=10, drop_path_rate=0., **kwargs)
-    g = torch.Generator().manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.copy_(0.1 * torch.randn(module.num_features, generator=g))
-            module.running_var.copy_(torch.rand(module.num_features, generator=g) + 0.5)
-    return model
+    return randomize_norm_statistics(timm.create_model(name, num_classes=10, drop_path_rate=0., **kwargs))
 
 
 def images(batch: int = 4, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -21,8 +21,8 @@ from fan.cpu.modules import (
     FastConvStem, FastDepthwiseConv2d, FastDwConvMlp, FastGeluMlp, FastLinear, FastTokenMixing, FastWindowAttention)
 from fan.layers import ChannelAttention, DwConvMlp, TokenMixing
 from naive import (
-    ATOL, assert_close_in_bf16, assert_same_gradients, autograd_nodes, depthwise_conv, gelu, linear,
-    naive_attention, naive_channel_attention, naive_dwconv_mlp, naive_mixer_train, randomize)
+    ATOL, assert_close_in_bf16, assert_same_gradients, autograd_nodes, depthwise_conv, gelu, linear, naive_attention,
+    naive_channel_attention, naive_dwconv_mlp, naive_mixer_train, randomize, randomize_norm_statistics)
 
 torch.manual_seed(0)
 H, W, C, HEADS = 5, 6, 16, 4
@@ -356,13 +356,7 @@ FAMILIES = ['fan_tiny_12_p16_224', 'fan_tiny_8_p4_hybrid', 'fan_swin_tiny_patch4
 
 def tiny(name: str) -> nn.Module:
     """The family's tiny model at 64 px with 10 classes, BatchNorm statistics randomised (not 0 / 1)."""
-    model = timm.create_model(name, num_classes=10, img_size=64, drop_path_rate=0.)
-    g = torch.Generator().manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.copy_(0.1 * torch.randn(module.num_features, generator=g))
-            module.running_var.copy_(torch.rand(module.num_features, generator=g) + 0.5)
-    return model
+    return randomize_norm_statistics(timm.create_model(name, num_classes=10, img_size=64, drop_path_rate=0.))
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -517,3 +511,19 @@ def test_malloc_is_tuned_only_when_asked():
     default, after_forward, tuned = faults('tune')
     assert default >= pages and after_forward >= pages and tuned < 100, (default, after_forward, tuned)
     assert faults('tune', FAN_TUNE_MALLOC='0')[2] >= pages
+
+
+def test_commands_optimize_on_the_cpu_unless_told_not_to():
+    """The commands' model (``model_from_args``) has the fast modules on the CPU, not with ``--no-optimize``, nor on
+    another device; ``fan export`` has no such option and exports the plain model."""
+    from fan.cli import build_parser
+    from fan.options import model_from_args, uses_fast_modules
+
+    parser = build_parser()
+    args = parser.parse_args(['predict', '--model', 'fan_tiny_12_p16_224'])
+    assert any(type(m) is FastDwConvMlp for m in model_from_args(args, torch.device('cpu')).modules())
+    assert not uses_fast_modules(args, 'cuda')
+    args = parser.parse_args(['predict', '--model', 'fan_tiny_12_p16_224', '--no-optimize'])
+    assert not any(type(m).__name__.startswith('Fast') for m in model_from_args(args).modules())
+    with pytest.raises(SystemExit):
+        parser.parse_args(['export', '--model', 'fan_tiny_12_p16_224', '--no-optimize'])

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..errors import MissingPathError, UserError, require_extra
 from ..factory import create_model, resolve_data_config
 from ..io import find_images, read_image, write_json
-from ..options import add_data_option, add_model_options, add_out_option, add_run_options
+from ..options import add_data_option, add_model_options, add_out_option, add_run_options, uses_fast_modules
 from .report import AnalysisSettings, ModelReport, analyse_model
 
 __all__ = ['image_files', 'load_images', 'create_analysis_model', 'run_spectrum', 'add_commands', 'demo_spectrum']
@@ -51,10 +51,12 @@ def create_analysis_model(
         checkpoint: Optional[Path] = None,
         pretrained: bool = False,
         use_ema: bool = False,
+        optimize: bool = False,
 ) -> Tuple[nn.Module, str]:
-    """A timm (or FAN) model in eval mode (built with :func:`fan.create_model`) and a description of its weights."""
+    """A timm (or FAN) model in eval mode (built with :func:`fan.create_model`, with its CPU fast modules if
+    ``optimize``) and a description of its weights."""
     model = create_model(name, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint,
-                         use_ema=use_ema)
+                         use_ema=use_ema, optimize=optimize)
     if not hasattr(model, 'forward_intermediates'):
         raise UserError(f'{name} has no forward_intermediates(), so its blocks cannot be analysed')
     if checkpoint is not None:
@@ -121,6 +123,7 @@ def run_spectrum(
         pretrained: bool = False,
         batch_size: int = 8,
         use_ema: bool = False,
+        optimize: bool = False,
 ) -> List[ModelReport]:
     """Analyse every model on ``images`` and write spectrum.json and the figures under ``out_dir``."""
     require_extra('matplotlib', 'analysis')
@@ -133,7 +136,7 @@ def run_spectrum(
     reports = []
     view_transforms = []  # per model: the image as the model sees it (resized and cropped, not normalised)
     for name, checkpoint in model_specs:
-        model, weights = create_analysis_model(name, checkpoint, pretrained, use_ema)
+        model, weights = create_analysis_model(name, checkpoint, pretrained, use_ema, optimize)
         batches = tqdm(_batches(model, images, batch_size), desc=name, total=-(-len(images) // batch_size),
                        leave=False)
         try:
@@ -187,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
     specs = [(args.model, args.checkpoint)] + [_parse_model_spec(spec) for spec in args.compare]
     images = load_images(image_files(args.data))
     run_spectrum(specs, images, args.out, settings, pretrained=args.pretrained, batch_size=args.batch_size,
-                 use_ema=args.ema)
+                 use_ema=args.ema, optimize=uses_fast_modules(args))
     return 0
 
 

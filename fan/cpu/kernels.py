@@ -144,7 +144,7 @@ class OneDnnLinear(torch.autograd.Function):
     for 3136 x 768 x 192, 9.1 against 7.2 for 3136 x 192 x 768); for the weight gradient, whose reduction runs over
     the tokens, MKL's ``mm`` is the faster one (oneDNN needs both operands transposed). Training steps against MKL's
     ``mm`` for the input gradient (batch 16, alternating in-process rounds): FAN-T-ViT 1.03-1.04x, FAN-T-Hybrid 1.09x,
-    FAN-Swin-T 1.06x (``benchmarks/results/vs_official_zen4/inprocess_ab_2026-12-01.csv``)."""
+    FAN-Swin-T 1.06x (``vs_official_zen4/inprocess_ab_2026-12-01.csv`` in ``benchmarks/results/lab_notebook.csv``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
