@@ -220,7 +220,6 @@ class FastGeluMlp(Mlp):
 
     def _gelu_between_linears(self) -> bool:
         return (type(self.act) is nn.GELU and type(self.norm) is nn.Identity
-                and isinstance(self.fc1, nn.Linear) and isinstance(self.fc2, nn.Linear)
                 and type(self.fc1) in (nn.Linear, FastLinear) and type(self.fc2) in (nn.Linear, FastLinear)
                 and self.fc1.bias is not None and self.fc1.weight.dtype == torch.float32
                 and not (self.training and (self.drop1.p > 0 or self.drop2.p > 0)))
