@@ -27,8 +27,16 @@ COMMAND_MODULES = (
 )
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's parser (its sub-parsers too) whose refusal of an option is one line,
+    ``fan <command>: error: <message>``, with exit status 2 (argparse prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message}\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='fan', description='Fully Attentional Networks for timm: the model zoo '
+    parser = OneLineErrorParser(prog='fan', description='Fully Attentional Networks for timm: the model zoo '
                                                              'and its robustness tools.')
     parser.add_argument('--version', action='version', version=f'fan {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)

@@ -11,6 +11,7 @@ timm's Hugging Face layout, each verified against the PyTorch model before the c
 ``OUT/export.json`` records the model, weights, format, files, opset, dynamic dimensions and the measured errors.
 """
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -21,7 +22,7 @@ import torch.nn as nn
 from .errors import UserError, require_extra
 from .factory import resolve_data_config
 from .io import write_json
-from .options import add_model_options, add_out_option, model_from_args
+from .options import add_model_options, add_out_option, model_from_args, positive_int
 from .registry import family_of
 
 __all__ = ['FORMATS', 'TOLERANCE', 'takes_any_size', 'export_model']
@@ -72,6 +73,13 @@ def _dynamic_shapes(any_size: bool) -> Dict[str, Dict[int, Any]]:
     return {'x': dims}
 
 
+def _onnx_opset(path: Path) -> int:
+    """The default-domain opset an ONNX file was written with."""
+    onnx = require_extra('onnx', 'export')
+    model = onnx.load(str(path), load_external_data=False)
+    return next(entry.version for entry in model.opset_import if entry.domain in ('', 'ai.onnx'))
+
+
 def export_model(model: nn.Module, fmt: str, out_dir: Path, opset: int = DEFAULT_OPSET) -> Dict[str, Any]:
     """Export ``model`` (put in eval mode) to ``out_dir`` in ``fmt`` and verify it; returns the manifest."""
     if fmt not in FORMATS:
@@ -94,7 +102,12 @@ def export_model(model: nn.Module, fmt: str, out_dir: Path, opset: int = DEFAULT
         torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=_dynamic_shapes(any_size),
                           opset_version=opset, input_names=['images'], output_names=['output'], verbose=False)
         session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-        manifest.update(files=[path.name], opset=opset, runtime=f'onnxruntime {ort.__version__}')
+        written = _onnx_opset(path)  # the converter may fall back to another opset than the one asked for
+        manifest.update(files=[path.name], opset=written, runtime=f'onnxruntime {ort.__version__}')
+        if written != opset:
+            manifest['requested_opset'] = opset
+            print(f'fan export: the ONNX converter could not write opset {opset} and wrote opset {written}',
+                  file=sys.stderr)
         manifest['checks'] = _verify(lambda x: torch.from_numpy(session.run(None, {'images': x.numpy()})[0]),
                                      model, shapes)
     elif fmt == 'torchscript':
@@ -148,6 +161,6 @@ def add_commands(subparsers) -> None:
         description='Writes the model and OUT/export.json; every export is run and compared with PyTorch first.')
     add_model_options(parser, optimize=False)
     parser.add_argument('--format', choices=FORMATS, default='onnx', help='default: %(default)s')
-    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help='ONNX opset (default: %(default)s)')
+    parser.add_argument('--opset', type=positive_int, default=DEFAULT_OPSET, help='ONNX opset (default: %(default)s)')
     add_out_option(parser, 'export-out')
     parser.set_defaults(func=_run_export)

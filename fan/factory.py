@@ -131,7 +131,8 @@ def create_model(
         checkpoint: Load weights from this local file instead (see :func:`load_checkpoint_file`).
         num_classes: Classifier size. With weights whose head has another size, the head is new (fine-tuning);
             without ``num_classes``, a checkpoint's own head size is kept (a fine-tuned model loads as it is).
-        img_size: Square input size: models built for a fixed size are built for it; the data config follows it.
+        img_size: Square input size: FAN models and models built for a fixed size are built for it (FAN models
+            refuse a size that does not fit their stride); the data config follows it.
         use_ema: Take the EMA weights of a training checkpoint (default: its ``state_dict``, as the official
             evaluation does).
         device, dtype: Where and in which type the weights end up.
@@ -143,8 +144,8 @@ def create_model(
     if pretrained and checkpoint is not None:
         raise UserError('give either pretrained weights or a checkpoint file, not both')
     cfg = timm.get_pretrained_cfg(name)
-    if img_size is not None and cfg is not None and cfg.fixed_input_size:
-        kwargs['img_size'] = img_size
+    if img_size is not None and (family_of(name) is not None or cfg is not None and cfg.fixed_input_size):
+        kwargs['img_size'] = img_size  # (FAN models check it against their stride)
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
     if pretrained and family_of(name) is not None:
@@ -163,7 +164,7 @@ def create_model(
     loads_weights = pretrained or overlay is not None
     try:
         model = timm.create_model(name, pretrained=loads_weights, pretrained_cfg_overlay=overlay, **kwargs)
-    except (RuntimeError, ValueError, KeyError, OSError) as error:
+    except (RuntimeError, ValueError, KeyError, OSError, TypeError) as error:
         message = str(error).strip().replace('\n', ' ')[:600]
         if not loads_weights:  # the constructor refused its arguments
             raise UserError(f'cannot build {name}: {message}') from None

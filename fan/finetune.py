@@ -38,7 +38,7 @@ from .errors import MissingPathError, UserError, require_extra
 from .factory import create_model, resolve_data_config
 from .io import save_torch, write_json
 from .options import (add_data_option, add_model_options, add_out_option, add_run_options, model_from_args,
-                      resolve_device, seed_everything)
+                      positive_float, positive_int, resolve_device, seed_everything)
 
 __all__ = [
     'MODES', 'DEFAULT_CS', 'DEFAULT_LR', 'LinearProbe', 'TransferData', 'load_image_folders', 'extract_features',
@@ -355,8 +355,8 @@ def add_commands(subparsers) -> None:
     parser.add_argument('--ood', type=Path, metavar='DIR',
                         help='ImageFolder of shifted images with (some of) the same classes')
     add_out_option(parser, 'finetune-out')
-    parser.add_argument('--epochs', type=int, default=10, help='default: %(default)s')
-    parser.add_argument('--lr', type=float, help=f'learning rate (default: {DEFAULT_LR["ft"]:g} ft, '
+    parser.add_argument('--epochs', type=positive_int, default=10, help='default: %(default)s')
+    parser.add_argument('--lr', type=positive_float, help=f'learning rate (default: {DEFAULT_LR["ft"]:g} ft, '
                                                  f'{DEFAULT_LR["lpft"]:g} lpft)')
     parser.add_argument('--train-mode', action='store_true',
                         help='fine-tune in train() mode (BatchNorm statistics update, dropout on) instead of eval()')

@@ -8,14 +8,16 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Sequence, Union
+import sys
+from typing import Any, Dict, Iterable, List, Sequence, Tuple, Union
 
 from PIL import Image, UnidentifiedImageError
 from timm.data import get_img_extensions
 
 from .errors import MissingPathError, UserError
 
-__all__ = ['write_atomic', 'write_json', 'write_csv', 'save_torch', 'read_image', 'find_images']
+__all__ = ['write_atomic', 'write_json', 'write_csv', 'save_torch', 'to_rgb', 'read_image', 'read_images', 'image_files',
+           'find_images']
 
 PathLike = Union[str, os.PathLike]
 
@@ -62,16 +64,68 @@ def save_torch(path: PathLike, obj: Any) -> Path:
     return path
 
 
+# what PIL raises for files it cannot decode: not an image, truncated, corrupt, or a decompression bomb (a header
+# claiming more pixels than PIL's limit, which would exhaust the memory)
+_UNREADABLE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image in any PIL mode as 8-bit RGB, the way timm's loaders convert (``convert('RGB')``: greyscale
+    replicated, palettes looked up, alpha and CMYK dropped) except for high-bit-depth modes, which PIL would clip to
+    255: 16-bit greyscale (``I;16*``, 0-65535) is scaled to 0-255, 32-bit integer (``I``) too when its values pass
+    255, and float (``F``) from 0-1 when its values lie there."""
+    if image.mode.startswith('I;16') or image.mode in ('I', 'F'):
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        peak = values.max(initial=0)
+        if image.mode.startswith('I;16') or (image.mode == 'I' and peak > 255):
+            values = values * (255 / 65535)
+        elif image.mode == 'F' and peak <= 1:
+            values = values * 255
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode='L')
+    return image.convert('RGB')
+
+
 def read_image(path: PathLike) -> Image.Image:
-    """An image file as RGB; a missing or unreadable file is a :class:`UserError` that names it."""
+    """An image file as RGB (``to_rgb``); a missing, unreadable, truncated or oversized (decompression bomb) file is
+    a :class:`UserError` that names it."""
     path = Path(path)
     if not path.is_file():
         raise MissingPathError(f'image not found: {path}')
     try:
         with Image.open(path) as image:
-            return image.convert('RGB')
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            return to_rgb(image)
+    except _UNREADABLE_ERRORS as error:
         raise UserError(f'cannot read image {path}: {error}') from None
+
+
+def image_files(paths: Sequence[PathLike]) -> List[Path]:
+    """Image files named by ``paths``: files as given, folders searched recursively (sorted)."""
+    files: List[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += find_images(path)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise MissingPathError(f'image path does not exist: {path}')
+    return files
+
+
+def read_images(files: Sequence[PathLike], command: str) -> List[Tuple[Path, Image.Image]]:
+    """(path, RGB image) for every readable file of ``files``; each unreadable one is skipped with a line on stderr
+    (``fan COMMAND: skipped: ...``), as eval and make-c skip them. None readable is a :class:`UserError`."""
+    images = []
+    for file in map(Path, files):
+        try:
+            images.append((file, read_image(file)))
+        except UserError as error:
+            print(f'fan {command}: skipped: {error}', file=sys.stderr)
+    if not images:
+        raise UserError(f'none of the {len(files)} image file(s) could be read ({", ".join(map(str, files[:3]))}'
+                        f'{", ..." if len(files) > 3 else ""})')
+    return images
 
 
 def find_images(folder: PathLike) -> List[Path]:

@@ -36,8 +36,8 @@ from tqdm import tqdm
 from .errors import UserError, require_extra
 from .factory import create_model, resolve_data_config
 from .io import find_images, read_image, write_atomic, write_json
-from .options import add_data_option, add_model_options, add_out_option, add_run_options, autocast, model_from_args, \
-    resolve_device
+from .options import (add_data_option, add_model_options, add_out_option, add_run_options, autocast, model_from_args,
+                      percentage, resolve_device)
 
 __all__ = [
     'ash_p', 'ash_b', 'ash_s', 'ash_rand', 'scale', 'SHAPINGS', 'energy', 'msp', 'max_logit', 'SCORES',
@@ -338,7 +338,7 @@ def add_commands(subparsers) -> None:
                         help='folder of OOD images; repeat for several sets')
     parser.add_argument('--shaping', nargs='+', default=['ash_s'], choices=list(SHAPINGS),
                         help='one or more shapings to compare (default: %(default)s)')
-    parser.add_argument('--percentile', type=float, default=90., help='0-100, share pruned (default: %(default)s)')
+    parser.add_argument('--percentile', type=percentage, default=90., help='0-100, share pruned (default: %(default)s)')
     parser.add_argument('--score', default='energy', choices=list(SCORES), help='default: %(default)s')
     parser.add_argument('--rectify', action='store_true', help='clip activations at 0 before shaping')
     parser.add_argument('--layer', help='shape this sub-module\'s output instead of the pre-logits')

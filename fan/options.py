@@ -20,11 +20,38 @@ from .factory import create_model
 
 __all__ = [
     'PRECISIONS', 'add_model_options', 'model_from_args', 'uses_fast_modules', 'add_data_option', 'add_out_option',
-    'add_run_options',
+    'add_run_options', 'positive_int', 'non_negative_int', 'positive_float', 'non_negative_float', 'probability',
+    'percentage', 'nonzero_float', 'finite_float', 'writable_folder',
     'resolve_device', 'autocast', 'seed_everything', 'default_workers',
 ]
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # autocast dtype
+
+
+def _checked(kind: type, test: Callable[[Any], bool], wanted: str) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses ``kind`` and refuses values failing ``test``; argparse turns the refusal
+    into ``fan <command>: error: argument --NAME: <why>`` and exit status 2, before any work."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a{"n" if kind is int else ""} {kind.__name__}') from None
+        if value != value or not test(value):  # (NaN fails every test)
+            raise argparse.ArgumentTypeError(f'must be {wanted}, got {text}')
+        return value
+
+    parse.__name__ = wanted  # (argparse names the type in some messages)
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, 'at least 1')
+non_negative_int = _checked(int, lambda v: v >= 0, '0 or more')
+positive_float = _checked(float, lambda v: 0 < v < float('inf'), 'a positive number')
+non_negative_float = _checked(float, lambda v: 0 <= v < float('inf'), '0 or more')
+probability = _checked(float, lambda v: 0 <= v <= 1, 'between 0 and 1')
+percentage = _checked(float, lambda v: 0 <= v <= 100, 'between 0 and 100')
+nonzero_float = _checked(float, lambda v: v != 0 and abs(v) < float('inf'), 'a nonzero number')
+finite_float = _checked(float, lambda v: abs(v) < float('inf'), 'a finite number')
 
 
 def add_model_options(
@@ -50,10 +77,11 @@ def add_model_options(
                        help='take the EMA weights of a training checkpoint (default: its state_dict, as the '
                             'official evaluation does)')
     if num_classes:
-        group.add_argument('--num-classes', type=int, metavar='N',
+        group.add_argument('--num-classes', type=positive_int, metavar='N',
                            help="classifier size (default: the checkpoint's head, else the model's)")
     if img_size:
-        group.add_argument('--img-size', type=int, metavar='PX', help="square input size (default: the model's)")
+        group.add_argument('--img-size', type=positive_int, metavar='PX',
+                           help="square input size (default: the model's)")
     if optimize:
         group.add_argument('--no-optimize', dest='optimize', action='store_false',
                            help='run the plain model on the CPU too (default: fan.optimize swaps in its CPU '
@@ -87,9 +115,27 @@ def add_data_option(parser: argparse.ArgumentParser, help: str, required: bool =
     parser.add_argument('--data', type=Path, required=required, metavar='DIR', help=help, **kwargs)
 
 
+def writable_folder(text: str) -> Path:
+    """``--out``: a folder that exists or can be made, and can be written to, checked as the options are parsed, before
+    any work (nothing is created here): refused if it is a file, lies below a file, or is not writable."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f'{path} is a file, not a folder')
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise argparse.ArgumentTypeError(f'{path} lies below {existing}, which is a file')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f'{existing} is not writable')
+    return path
+
+
 def add_out_option(parser: argparse.ArgumentParser, default: str) -> None:
-    """``--out``: the results folder."""
-    parser.add_argument('--out', type=Path, default=Path(default), metavar='DIR',
+    """``--out``: the results folder (``writable_folder``)."""
+    parser.add_argument('--out', type=writable_folder, default=default, metavar='DIR',
                         help='results folder (default: %(default)s)')
 
 
@@ -112,10 +158,10 @@ def add_run_options(
     if device:
             group.add_argument('--device', default='auto',
                            help='auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: %(default)s)')
-    group.add_argument('-b', '--batch-size', type=int, default=batch_size, metavar='N',
+    group.add_argument('-b', '--batch-size', type=positive_int, default=batch_size, metavar='N',
                        help='images per batch (default: %(default)s)')
     if workers:
-        group.add_argument('-j', '--workers', type=int, default=default_workers(), metavar='N',
+        group.add_argument('-j', '--workers', type=non_negative_int, default=default_workers(), metavar='N',
                            help='data-loading processes (default: %(default)s)')
     if precision:
         group.add_argument('--precision', choices=list(PRECISIONS), default='fp32',

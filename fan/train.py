@@ -40,6 +40,7 @@ from .errors import MissingPathError, UserError
 from .factory import resolve_data_config
 from .io import save_torch, write_atomic, write_csv
 from .options import (add_data_option, add_model_options, add_out_option, add_run_options, autocast, model_from_args,
+                      non_negative_float, non_negative_int, positive_float, positive_int, probability,
                       seed_everything, uses_fast_modules)
 
 __all__ = ['Recipe', 'RECIPES', 'PAPER_GLOBAL_BATCH', 'SUMMARY_COLUMNS', 'resolve_settings', 'train']
@@ -186,6 +187,18 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the loop
+
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'rsqrt', 'constant')  # timm's
+
+
+def _optimizer_name(name: str) -> str:
+    """``--opt``: a name timm's ``create_optimizer_v2`` knows (its optional ``lookahead_`` prefix allowed)."""
+    import timm.optim
+
+    if name.lower().removeprefix('lookahead_') not in timm.optim.list_optimizers():
+        raise argparse.ArgumentTypeError(f'unknown optimizer {name!r} (timm.optim.list_optimizers() lists them)')
+    return name
+
 
 def _model_kwargs(pairs: Optional[List[str]]) -> Dict[str, Any]:
     kwargs = {}
@@ -351,9 +364,9 @@ def _train(args: argparse.Namespace, context: DistributedContext) -> Dict[str, A
                      'best_top1': best, 'summary': rows, 'args': _plain(args)}
             if scaler is not None:
                 state['scaler'] = scaler.state_dict()
-            save_torch(last_path, state)
-            if improved:
+            if improved:  # before last: a kill between the two leaves a resume that redoes this epoch and its best
                 save_torch(out / 'model_best.pth.tar', {k: v for k, v in state.items() if k != 'optimizer'})
+            save_torch(last_path, state)
             write_csv(out / 'summary.csv', rows, SUMMARY_COLUMNS)
             print(f'epoch {epoch + 1}/{num_epochs}: train loss {row["train_loss"]:.4f}, eval loss '
                   f'{row["eval_loss"]:.4f}, top-1 {row["eval_top1"]:.2f} %, top-5 {row["eval_top5"]:.2f} %, '
@@ -384,31 +397,31 @@ def add_commands(subparsers) -> None:
                         help='paper: the official settings of the model (default for FAN models); none: the flags only')
     parser.add_argument('--resume', action='store_true', help='continue from OUT/last.pth.tar')
     recipe = parser.add_argument_group('recipe settings (default: the recipe\'s)')
-    recipe.add_argument('--epochs', type=int)
-    recipe.add_argument('--img-size', type=int)
-    recipe.add_argument('--lr', type=float, help='learning rate for this run (no scaling)')
-    recipe.add_argument('--opt', help='timm optimizer name, e.g. adamw, lamb, sgd')
-    recipe.add_argument('--weight-decay', type=float)
-    recipe.add_argument('--sched', help='timm scheduler name, e.g. cosine, step')
-    recipe.add_argument('--warmup-epochs', type=int)
-    recipe.add_argument('--warmup-lr', type=float)
-    recipe.add_argument('--min-lr', type=float)
+    recipe.add_argument('--epochs', type=positive_int)
+    recipe.add_argument('--img-size', type=positive_int)
+    recipe.add_argument('--lr', type=positive_float, help='learning rate for this run (no scaling)')
+    recipe.add_argument('--opt', type=_optimizer_name, help='timm optimizer name, e.g. adamw, lamb, sgd')
+    recipe.add_argument('--weight-decay', type=non_negative_float)
+    recipe.add_argument('--sched', choices=SCHEDULERS, help='timm scheduler name, e.g. cosine, step')
+    recipe.add_argument('--warmup-epochs', type=non_negative_int)
+    recipe.add_argument('--warmup-lr', type=non_negative_float)
+    recipe.add_argument('--min-lr', type=non_negative_float)
     recipe.add_argument('--model-ema', action=argparse.BooleanOptionalAction, help='keep an EMA of the weights')
-    recipe.add_argument('--ema-decay', type=float)
+    recipe.add_argument('--ema-decay', type=probability)
     recipe.add_argument('--aa', help="RandAugment policy, e.g. rand-m9-mstd0.5-inc1 ('' for none)")
-    recipe.add_argument('--reprob', type=float, help='random-erasing probability')
+    recipe.add_argument('--reprob', type=probability, help='random-erasing probability')
     recipe.add_argument('--remode', help='random-erasing mode')
-    recipe.add_argument('--mixup', type=float, help='Mixup alpha (0: off)')
-    recipe.add_argument('--cutmix', type=float, help='CutMix alpha (0: off)')
-    recipe.add_argument('--smoothing', type=float, help='label smoothing')
-    recipe.add_argument('--drop', type=float, help='dropout before the head')
-    recipe.add_argument('--drop-path', type=float, help='stochastic depth rate')
+    recipe.add_argument('--mixup', type=non_negative_float, help='Mixup alpha (0: off)')
+    recipe.add_argument('--cutmix', type=non_negative_float, help='CutMix alpha (0: off)')
+    recipe.add_argument('--smoothing', type=probability, help='label smoothing')
+    recipe.add_argument('--drop', type=probability, help='dropout before the head')
+    recipe.add_argument('--drop-path', type=probability, help='stochastic depth rate')
     recipe.add_argument('--precision', choices=('fp32', 'bf16', 'fp16'),
                         help='autocast precision (fp16 with a loss scaler)')
     extra = parser.add_argument_group('more training options')
     extra.add_argument('--smoothmix', choices=('S', 'C'), help='SmoothMix with this mask instead of Mixup / CutMix')
-    extra.add_argument('--layer-decay', type=float, help='layer-wise learning-rate decay (fine-tuning)')
-    extra.add_argument('--clip-grad', type=float, help='clip the gradient norm to this value')
+    extra.add_argument('--layer-decay', type=positive_float, help='layer-wise learning-rate decay (fine-tuning)')
+    extra.add_argument('--clip-grad', type=positive_float, help='clip the gradient norm to this value')
     extra.add_argument('--grad-checkpointing', action='store_true', help='recompute activations in the backward pass')
     extra.add_argument('--channels-last', action='store_true', help='channels-last memory format')
     extra.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm across processes (GPUs)')

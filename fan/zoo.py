@@ -16,8 +16,9 @@ from timm.data import ImageNetInfo, create_transform
 from .data import bundled_photos
 from .errors import UserError
 from .factory import create_model, resolve_data_config
-from .io import read_image, write_atomic, write_json
-from .options import add_model_options, add_out_option, add_run_options, autocast, model_from_args, resolve_device
+from .io import image_files, read_images, write_atomic, write_json
+from .options import (add_model_options, add_out_option, add_run_options, autocast, model_from_args, positive_int,
+                      resolve_device)
 from .registry import FAMILIES
 
 __all__ = ['ZooEntry', 'zoo', 'format_zoo', 'count_params', 'classify']
@@ -143,8 +144,9 @@ def _list(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     model = model_from_args(args, resolve_device(args.device))
-    if args.images:
-        names, images, labels = [str(p) for p in args.images], [read_image(p) for p in args.images], None
+    if args.images:  # files and folders (every image below them); unreadable ones skipped and named
+        loaded = read_images(image_files(args.images), 'predict')
+        names, images, labels = [str(path) for path, _ in loaded], [image for _, image in loaded], None
     else:
         photos = bundled_photos()
         names, images, labels = [p.name for p in photos], [p.image for p in photos], [p.label for p in photos]
@@ -166,9 +168,9 @@ def add_commands(subparsers) -> None:
 
     parser = subparsers.add_parser('predict', help='classify images (default: the bundled photos)')
     add_model_options(parser, default=DEMO_MODEL)
-    parser.add_argument('--top-k', type=int, default=5, help='classes shown per image (default: %(default)s)')
-    parser.add_argument('images', nargs='*', type=Path, metavar='IMAGE',
-                        help='image files (default: the six photos that come with the package)')
+    parser.add_argument('--top-k', type=positive_int, default=5, help='classes shown per image (default: %(default)s)')
+    parser.add_argument('images', nargs='*', type=Path, metavar='IMAGE_OR_FOLDER',
+                        help='image files, or folders of them (default: the six photos that come with the package)')
     add_out_option(parser, 'predict-out')
     add_run_options(parser, batch_size=16, workers=False, seed=None)
     parser.set_defaults(func=_predict)

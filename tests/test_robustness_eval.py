@@ -171,6 +171,7 @@ def test_resume_after_interrupted_run(imagenet_c, tmp_path, monkeypatch):
     assert sorted(requested[1]) == sorted(CELLS)
     # other settings must not silently mix into the same file
     assert main(_eval_c_args(imagenet_c, out, '--workers', '0', '--crop-pct', '1.0')) == 2
+    assert main(_eval_c_args(imagenet_c, out, '--workers', '0', '--precision', 'bf16')) == 2  # nor fp32 and bf16
 
 
 def test_eval_imagenet_r_uses_the_200_class_mask(tmp_path):

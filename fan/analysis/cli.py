@@ -16,10 +16,11 @@ from PIL import Image
 from timm.data import create_transform
 from tqdm import tqdm
 
-from ..errors import MissingPathError, UserError, require_extra
+from ..errors import UserError, require_extra
 from ..factory import create_model, resolve_data_config
-from ..io import find_images, read_image, write_json
-from ..options import add_data_option, add_model_options, add_out_option, add_run_options, uses_fast_modules
+from ..io import image_files, read_images, write_json
+from ..options import (add_data_option, add_model_options, add_out_option, add_run_options, non_negative_float,
+                       non_negative_int, positive_int, probability, uses_fast_modules)
 from .report import AnalysisSettings, ModelReport, analyse_model
 
 __all__ = ['image_files', 'load_images', 'create_analysis_model', 'run_spectrum', 'add_commands', 'demo_spectrum']
@@ -28,22 +29,9 @@ NamedImage = Tuple[str, Image.Image]
 ModelSpec = Tuple[str, Optional[Path]]  # timm model name, checkpoint file or None
 
 
-def image_files(paths: Sequence[Path]) -> List[Path]:
-    """Image files named by ``paths``: files as given, folders searched recursively (sorted)."""
-    files: List[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += find_images(path)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise MissingPathError(f'image path does not exist: {path}')
-    return files
-
-
 def load_images(files: Sequence[Path]) -> List[NamedImage]:
-    """(file name, RGB image) pairs; an unreadable file is a ``UserError`` naming it."""
-    return [(str(file), read_image(file)) for file in files]
+    """(file name, RGB image) pairs of the readable files; unreadable ones are skipped and named on stderr."""
+    return [(str(file), image) for file, image in read_images(files, 'spectrum')]
 
 
 def create_analysis_model(
@@ -205,18 +193,18 @@ def add_commands(subparsers) -> None:
                         help='more models drawn in the same figures')
     add_data_option(parser, 'image files and/or folders (searched recursively)', nargs='+')
     add_out_option(parser, 'spectrum-out')
-    parser.add_argument('--sigma', type=float, default=0.1,
+    parser.add_argument('--sigma', type=non_negative_float, default=0.1,
                         help='input noise std in [0,1] pixel units (default %(default)s)')
-    parser.add_argument('--draws', type=int, default=4, help='noise draws per image (default %(default)s)')
-    parser.add_argument('--threshold', type=float, default=1e-2,
+    parser.add_argument('--draws', type=positive_int, default=4, help='noise draws per image (default %(default)s)')
+    parser.add_argument('--threshold', type=probability, default=1e-2,
                         help='significant eigenvalue: >= THRESHOLD * lambda_max (default %(default)s)')
-    parser.add_argument('--max-k', type=int, default=10, help='largest eigengap cluster count (default %(default)s)')
+    parser.add_argument('--max-k', type=positive_int, default=10, help='largest eigengap cluster count (default %(default)s)')
     parser.add_argument('--center', action='store_true', help='subtract the mean token before the affinities')
     parser.add_argument('--cosine', action='store_true', help='cosine affinity (unit-norm tokens) for the spectrum')
-    parser.add_argument('--max-tokens', type=int, default=196,
+    parser.add_argument('--max-tokens', type=positive_int, default=196,
                         help='average-pool larger maps to at most this many tokens; 0 keeps all (default %(default)s)')
-    parser.add_argument('--clusters', type=int, default=2, help='clusters in the cluster maps (default %(default)s)')
-    parser.add_argument('--cluster-blocks', type=int, nargs='+', metavar='INDEX',
+    parser.add_argument('--clusters', type=positive_int, default=2, help='clusters in the cluster maps (default %(default)s)')
+    parser.add_argument('--cluster-blocks', type=non_negative_int, nargs='+', metavar='INDEX',
                         help='blocks with cluster maps, negative counts from the end (default: 4 evenly spaced)')
     add_run_options(parser, batch_size=8, workers=False, precision=False, device=False)
     parser.set_defaults(func=_run)

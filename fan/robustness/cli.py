@@ -4,7 +4,8 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-from ..options import add_data_option, add_model_options, add_out_option, add_run_options, default_workers
+from ..options import (add_data_option, add_model_options, add_out_option, add_run_options, default_workers,
+                       finite_float, non_negative_int, nonzero_float, positive_float, positive_int)
 from .driver import DATASETS, run_classification, run_imagenet_c
 from .corrupt import make_imagenet_c
 from .evaluate import PROTOCOLS, ModelSpec
@@ -15,10 +16,10 @@ __all__ = ['add_commands']
 
 def _add_preprocessing_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('preprocessing (default: the model\'s data config)')
-    group.add_argument('--crop-pct', type=float, help='resize to size / crop_pct, then centre-crop')
+    group.add_argument('--crop-pct', type=positive_float, help='resize to size / crop_pct, then centre-crop')
     group.add_argument('--interpolation', choices=('bilinear', 'bicubic', 'nearest'))
-    group.add_argument('--mean', type=float, nargs=3, help='normalisation mean')
-    group.add_argument('--std', type=float, nargs=3, help='normalisation std')
+    group.add_argument('--mean', type=finite_float, nargs=3, help='normalisation mean')
+    group.add_argument('--std', type=nonzero_float, nargs=3, help='normalisation std (nonzero)')
 
 
 def _model_spec(args: argparse.Namespace, protocol: str = 'resize-crop') -> ModelSpec:
@@ -111,10 +112,10 @@ def add_commands(subparsers) -> None:
                     'reproducible from --seed; existing files are kept unless --force.')
     add_data_option(parser, 'image folder (searched recursively)')
     add_out_option(parser, 'imagenet-c')
-    parser.add_argument('--size', type=int, default=224,
+    parser.add_argument('--size', type=positive_int, default=224,
                         help='resize to size*256/224 and centre-crop size x size as ImageNet-C did; 0 keeps the '
                              'original size (default: %(default)s)')
-    parser.add_argument('-j', '--workers', type=int, default=default_workers(), metavar='N',
+    parser.add_argument('-j', '--workers', type=non_negative_int, default=default_workers(), metavar='N',
                         help='processes (default: %(default)s)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
     _add_cell_options(parser, list(ALL_CORRUPTIONS), 'default: all 19')

@@ -14,6 +14,7 @@ from timm.data import ImageNetInfo
 from timm.data.readers.img_extensions import get_img_extensions
 from torch.utils.data import Dataset
 from ..errors import MissingPathError, UserError
+from ..io import read_image
 
 __all__ = [
     'LabelledImage', 'LabelledImageDataset', 'imagenet_wnid_to_index', 'imagenet_subset_indices',
@@ -25,9 +26,6 @@ _SUBSET_INDEX_FILES = {
     'imagenet-a': '_info/imagenet_a_indices.txt',
     'imagenet-r': '_info/imagenet_r_indices.txt',
 }
-_UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
 @dataclass(frozen=True)
 class LabelledImage:
     path: Path
@@ -116,12 +114,12 @@ def find_imagenet_c_cells(
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode an image fully into RGB; raises OSError (with the path) for unreadable or truncated files."""
+    """Decode an image fully into RGB (``fan.io.read_image``); raises OSError (with the path) for unreadable,
+    truncated or oversized files, which the evaluation and make-c skip and count."""
     try:
-        with Image.open(path) as image:
-            return image.convert('RGB')
-    except _UNREADABLE_ERRORS as error:
-        raise OSError(f'cannot read image {path}: {error}') from error
+        return read_image(path)
+    except UserError as error:
+        raise OSError(str(error)) from None
 
 
 class LabelledImageDataset(Dataset):

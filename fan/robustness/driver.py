@@ -51,7 +51,7 @@ def run_imagenet_c(
         if clean is not None:
             cells = {CLEAN: list_class_folders(clean), **cells}
         settings = dict(model_spec.settings(data_config), data=str(Path(data).resolve()),
-                        clean_data=str(Path(clean).resolve()) if clean else None)
+                        clean_data=str(Path(clean).resolve()) if clean else None, precision=precision)
 
         finished, error = {}, None
         if context.is_main and not force:

@@ -69,6 +69,9 @@ def build_imagenet_c_results(settings: Dict, cells: Dict[str, CellCounts], missi
     )
 
 
+_BEFORE_THE_KEY = {'precision': 'fp32'}  # settings that files written before they were recorded had
+
+
 def load_finished_cells(path: Path, settings: Dict) -> Tuple[Dict[str, CellCounts], Dict]:
     """Finished cells of an earlier run with the same settings (none if there is no file).
 
@@ -90,7 +93,7 @@ def load_finished_cells(path: Path, settings: Dict) -> Tuple[Dict[str, CellCount
         raise UserError(f'{path} exists but is not a readable results file ({error}); '
                          'use --force to overwrite it') from error
     settings = dict(settings, clean_data=settings.get('clean_data') or document.get('clean_data'))
-    differences = [key for key in settings if document.get(key) != settings[key]
+    differences = [key for key in settings if document.get(key, _BEFORE_THE_KEY.get(key)) != settings[key]
                    and not (key == 'clean_data' and document.get(key) is None)]
     if differences:
         detail = '; '.join(f'{key}: file has {document.get(key)!r}, now {settings[key]!r}' for key in differences)
