@@ -16,7 +16,7 @@ from timm.data import get_img_extensions
 
 from .errors import MissingPathError, UserError
 
-__all__ = ['write_atomic', 'write_json', 'write_csv', 'save_torch', 'to_rgb', 'read_image', 'read_images', 'image_files',
+__all__ = ['write_atomic', 'write_json', 'write_csv', 'save_torch', 'to_rgb', 'read_image', 'read_images', 'readable_images', 'image_files',
            'find_images']
 
 PathLike = Union[str, os.PathLike]
@@ -113,6 +113,23 @@ def image_files(paths: Sequence[PathLike]) -> List[Path]:
     return files
 
 
+def readable_images(files: Sequence[PathLike], command: str) -> List[Path]:
+    """The files of ``files`` whose header PIL reads and whose data it verifies, without keeping the pixels (for
+    datasets decoded later, in loader workers); each other one is skipped with a line on stderr, as in
+    :func:`read_images`. None readable is a :class:`UserError`."""
+    readable = []
+    for file in map(Path, files):
+        try:
+            with Image.open(file) as image:
+                image.verify()
+            readable.append(file)
+        except _UNREADABLE_ERRORS as error:
+            print(f'fan {command}: skipped: cannot read image {file}: {error}', file=sys.stderr)
+    if not readable:
+        raise _nothing_readable(files)
+    return readable
+
+
 def read_images(files: Sequence[PathLike], command: str) -> List[Tuple[Path, Image.Image]]:
     """(path, RGB image) for every readable file of ``files``; each unreadable one is skipped with a line on stderr
     (``fan COMMAND: skipped: ...``), as eval and make-c skip them. None readable is a :class:`UserError`."""
@@ -123,9 +140,13 @@ def read_images(files: Sequence[PathLike], command: str) -> List[Tuple[Path, Ima
         except UserError as error:
             print(f'fan {command}: skipped: {error}', file=sys.stderr)
     if not images:
-        raise UserError(f'none of the {len(files)} image file(s) could be read ({", ".join(map(str, files[:3]))}'
-                        f'{", ..." if len(files) > 3 else ""})')
+        raise _nothing_readable(files)
     return images
+
+
+def _nothing_readable(files: Sequence[PathLike]) -> UserError:
+    return UserError(f'none of the {len(files)} image file(s) could be read ({", ".join(map(str, files[:3]))}'
+                     f'{", ..." if len(files) > 3 else ""})')
 
 
 def find_images(folder: PathLike) -> List[Path]:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .errors import UserError, require_extra
 from .factory import create_model, resolve_data_config
-from .io import find_images, read_image, write_atomic, write_json
+from .io import find_images, read_image, readable_images, write_atomic, write_json
 from .options import (add_data_option, add_model_options, add_out_option, add_run_options, autocast, model_from_args,
                       percentage, resolve_device)
 
@@ -263,7 +263,7 @@ class ImageFiles(Dataset):
 
     def __init__(self, root: str, transform: Callable):
         self.root = Path(root)
-        self.files = find_images(root)
+        self.files = readable_images(find_images(root), 'ood')
         self.transform = transform
 
     def __len__(self) -> int:

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Dict, Sequence
 
 from ..errors import UserError, require_extra
-from ..options import PRECISIONS, add_out_option, resolve_device
+from ..options import PRECISIONS, add_out_option, non_negative_int, positive_float, positive_int, resolve_device
 from .measure import MODES, BenchSettings
 from .runner import GMACS_NOTE, QUICK_MODELS, default_models, format_table, run_benchmark
 
@@ -128,7 +128,7 @@ def demo_bench(out_dir: Path) -> None:
 def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--resume', action='store_true',
                         help='keep the finished models of an earlier run in --out (same settings)')
-    parser.add_argument('--timeout', type=float, help='seconds at most per model and mode')
+    parser.add_argument('--timeout', type=positive_float, help='seconds at most per model and mode')
 
 
 def add_commands(subparsers) -> None:
@@ -140,8 +140,8 @@ def add_commands(subparsers) -> None:
     parser.add_argument('--quick', action='store_true', help='the FAN tiny models and two baselines')
     parser.add_argument('--device', default='auto',
                         help='auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: %(default)s)')
-    parser.add_argument('-b', '--batch-size', type=int, help='batch size (default: 8 on CPU, 128 on CUDA)')
-    parser.add_argument('--img-size', type=int, help="resolution (default: each model's own input size)")
+    parser.add_argument('-b', '--batch-size', type=positive_int, help='batch size (default: 8 on CPU, 128 on CUDA)')
+    parser.add_argument('--img-size', type=positive_int, help="resolution (default: each model's own input size)")
     parser.add_argument('--precision', default='fp32', choices=list(PRECISIONS),
                         help='fp32, or autocast to bf16 / fp16 (default: %(default)s)')
     parser.add_argument('--amp', dest='precision', action='store_const', const='bf16', help='same as --precision bf16')
@@ -150,9 +150,10 @@ def add_commands(subparsers) -> None:
     parser.add_argument('--no-optimize', dest='optimize', action='store_false',
                         help='benchmark the plain models on the CPU too (default: with fan.optimize there)')
     parser.add_argument('--grad-checkpointing', action='store_true', help='gradient checkpointing when training')
-    parser.add_argument('--threads', type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument('--warmup', type=int, help='untimed steps (default: 2 on CPU, 10 on CUDA)')
-    parser.add_argument('--repeats', type=int, help='timed steps, median reported (default: 5 on CPU, 20 on CUDA)')
+    parser.add_argument('--threads', type=positive_int, help="torch CPU threads (default: torch's)")
+    parser.add_argument('--warmup', type=non_negative_int, help='untimed steps (default: 2 on CPU, 10 on CUDA)')
+    parser.add_argument('--repeats', type=positive_int,
+                        help='timed steps, median reported (default: 5 on CPU, 20 on CUDA)')
     parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES, help='what to time')
     parser.add_argument('--no-flops', action='store_true', help='skip the fvcore GMACs count')
     add_out_option(parser, 'bench-results')
@@ -162,12 +163,12 @@ def add_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         'bench-peers', help='FAN vs XCiT of the same size in one run: throughput, memory, checkpointing ratios')
     parser.add_argument('--pairs', nargs='+', metavar='FAN:PEER', help='model pairs (default: FAN-T/S-ViT vs XCiT-T/S)')
-    parser.add_argument('-b', '--batch-size', type=int, default=16, help='batch size (default: %(default)s)')
-    parser.add_argument('--ckpt-batch-size', type=int, default=32,
+    parser.add_argument('-b', '--batch-size', type=positive_int, default=16, help='batch size (default: %(default)s)')
+    parser.add_argument('--ckpt-batch-size', type=positive_int, default=32,
                         help='batch size of the gradient-checkpointing memory runs (default: %(default)s)')
-    parser.add_argument('--threads', type=int, default=2, help='torch CPU threads (default: %(default)s)')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed steps (default: %(default)s)')
-    parser.add_argument('--repeats', type=int, default=5, help='timed steps (default: %(default)s)')
+    parser.add_argument('--threads', type=positive_int, default=2, help='torch CPU threads (default: %(default)s)')
+    parser.add_argument('--warmup', type=non_negative_int, default=2, help='untimed steps (default: %(default)s)')
+    parser.add_argument('--repeats', type=positive_int, default=5, help='timed steps (default: %(default)s)')
     add_out_option(parser, 'bench-peers')
     _run_options(parser)
     parser.set_defaults(func=_bench_peers)

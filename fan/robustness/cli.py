@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
+from ..errors import UserError
 from ..options import (add_data_option, add_model_options, add_out_option, add_run_options, default_workers,
                        finite_float, non_negative_int, nonzero_float, positive_float, positive_int)
 from .driver import DATASETS, run_classification, run_imagenet_c
@@ -63,7 +64,10 @@ def _make_c(args: argparse.Namespace) -> int:
           f'already there, {len(manifest["failed"])} images failed')
     for message in manifest['failed']:
         print(f'  failed: {message}')
-    return 0 if len(manifest['failed']) < manifest['images'] else 1
+    if manifest['failed'] and len(manifest['failed']) == manifest['images']:
+        raise UserError(f'no image in {args.data} could be read or corrupted ({args.out / "make_c.json"} lists '
+                        f'each failure)')
+    return 0
 
 
 def _add_cell_options(parser: argparse.ArgumentParser, corruptions_default: Optional[List[str]],

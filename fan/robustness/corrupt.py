@@ -16,6 +16,7 @@ draws from numpy's global RNG for 17 corruptions (seeded here, then restored) an
 import hashlib
 import io
 import json
+import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -105,6 +106,16 @@ def _corrupt_one_image(job: _ImageJob) -> Tuple[int, int, Optional[str]]:
     return len(todo), len(targets) - len(todo), None
 
 
+def _end_with_parent() -> None:
+    """Pool worker start-up: on Linux the worker gets SIGTERM when the process that started it dies (a killed
+    ``fan make-c`` leaves no worker running); elsewhere nothing."""
+    if sys.platform.startswith('linux'):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def make_imagenet_c(
         src: Path,
         dst: Path,
@@ -149,7 +160,8 @@ def make_imagenet_c(
         corrupt_image(np.zeros((MIN_SIDE, MIN_SIDE, 3), np.uint8), 'glass_blur', 1, seed=0)
     written = kept = 0
     failed: List[str] = []
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool:
+    pool_kwargs = dict(max_workers=workers, initializer=_end_with_parent)
+    with ProcessPoolExecutor(**pool_kwargs) if workers > 1 else nullcontext() as pool:
         outcomes = pool.map(_corrupt_one_image, jobs, chunksize=4) if pool else map(_corrupt_one_image, jobs)
         for n_written, n_kept, error in tqdm(outcomes, total=len(jobs), desc='make-c', unit='img'):
             written, kept = written + n_written, kept + n_kept

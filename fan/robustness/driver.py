@@ -120,6 +120,9 @@ def run_classification(
                                    batch_size=batch_size, workers=workers, precision=precision,
                                    class_subset=class_subset)
         counts = finished[dataset]
+        if counts.images == 0:  # (every file unreadable: no accuracy to report, no results file)
+            raise UserError(f'no readable image in {data}: all {len(counts.skipped)} file(s) were skipped '
+                            f"(first: {counts.skipped[0] if counts.skipped else 'none'})")
         results = dict(
             model_spec.settings(data_config),
             dataset=dataset,
