@@ -137,3 +137,35 @@ def test_torchrun_two_processes_train_an_epoch(two_classes, tmp_path, free_port)
     rows = _summary(tmp_path)
     assert len(rows) == 1 and 0 <= float(rows[0]['eval_top1']) <= 100
     assert (tmp_path / 'last.pth.tar').is_file() and (tmp_path / 'model_best.pth.tar').is_file()
+
+
+def test_a_kill_while_model_best_is_written_leaves_a_resume_that_writes_it(two_classes, tmp_path, monkeypatch):
+    """model_best is written before last: a kill during its write (a temporary file left behind) leaves last at the
+    epoch before, and the resumed run redoes the epoch and writes model_best. (Every epoch improves here.)"""
+    import fan.train as train_module
+
+    real_save, real_evaluate = train_module.save_torch, train_module._evaluate
+    evaluations, best_writes = [], []
+
+    def improving(*args, **kwargs):
+        evaluations.append(1)
+        return dict(real_evaluate(*args, **kwargs), eval_top1=float(len(evaluations)))
+
+    def killed_writing_the_second_best(path, obj):
+        if path.name == 'model_best.pth.tar':
+            best_writes.append(obj['epoch'])
+            if len(best_writes) == 2:
+                path.with_name(f'.{path.name}.tmp').write_bytes(b'')  # what the kill leaves
+                raise KeyboardInterrupt
+        return real_save(path, obj)
+
+    monkeypatch.setattr(train_module, '_evaluate', improving)
+    monkeypatch.setattr(train_module, 'save_torch', killed_writing_the_second_best)
+    out = tmp_path / 'out'
+    assert main(['train', *TINY, '--data', str(two_classes), '--out', str(out), '--epochs', '2']) == 130
+    assert torch.load(out / 'last.pth.tar', weights_only=True)['epoch'] == 1
+    assert torch.load(out / 'model_best.pth.tar', weights_only=True)['epoch'] == 1
+    monkeypatch.setattr(train_module, 'save_torch', real_save)
+    assert main(['train', *TINY, '--data', str(two_classes), '--out', str(out), '--epochs', '2', '--resume']) == 0
+    assert torch.load(out / 'model_best.pth.tar', weights_only=True)['epoch'] == 2
+    assert torch.load(out / 'last.pth.tar', weights_only=True)['epoch'] == 2
