@@ -7,8 +7,8 @@ import csv
 import io
 import json
 import os
-from pathlib import Path
 import sys
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Sequence, Tuple, Union
 
 from PIL import Image, UnidentifiedImageError
@@ -16,8 +16,8 @@ from timm.data import get_img_extensions
 
 from .errors import MissingPathError, UserError
 
-__all__ = ['write_atomic', 'write_json', 'write_csv', 'save_torch', 'to_rgb', 'read_image', 'read_images', 'readable_images', 'image_files',
-           'find_images']
+__all__ = ['write_atomic', 'write_json', 'write_csv', 'save_torch', 'to_rgb', 'read_image', 'read_images',
+           'readable_images', 'image_files', 'find_images']
 
 PathLike = Union[str, os.PathLike]
 

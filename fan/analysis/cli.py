@@ -198,13 +198,15 @@ def add_commands(subparsers) -> None:
     parser.add_argument('--draws', type=positive_int, default=4, help='noise draws per image (default %(default)s)')
     parser.add_argument('--threshold', type=probability, default=1e-2,
                         help='significant eigenvalue: >= THRESHOLD * lambda_max (default %(default)s)')
-    parser.add_argument('--max-k', type=positive_int, default=10, help='largest eigengap cluster count (default %(default)s)')
+    parser.add_argument('--max-k', type=positive_int, default=10,
+                        help='largest eigengap cluster count (default %(default)s)')
     parser.add_argument('--center', action='store_true', help='subtract the mean token before the affinities')
     parser.add_argument('--cosine', action='store_true', help='cosine affinity (unit-norm tokens) for the spectrum')
-    parser.add_argument('--max-tokens', type=positive_int, default=196,
+    parser.add_argument('--max-tokens', type=non_negative_int, default=196,
                         help='average-pool larger maps to at most this many tokens; 0 keeps all (default %(default)s)')
-    parser.add_argument('--clusters', type=positive_int, default=2, help='clusters in the cluster maps (default %(default)s)')
-    parser.add_argument('--cluster-blocks', type=non_negative_int, nargs='+', metavar='INDEX',
+    parser.add_argument('--clusters', type=positive_int, default=2,
+                        help='clusters in the cluster maps (default %(default)s)')
+    parser.add_argument('--cluster-blocks', type=int, nargs='+', metavar='INDEX',
                         help='blocks with cluster maps, negative counts from the end (default: 4 evenly spaced)')
     add_run_options(parser, batch_size=8, workers=False, precision=False, device=False)
     parser.set_defaults(func=_run)
