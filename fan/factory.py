@@ -191,6 +191,15 @@ def resolve_data_config(
         mean: Optional[tuple] = None,
         std: Optional[tuple] = None,
 ) -> Dict[str, Any]:
-    """The model's timm data config (input size, interpolation, crop_pct, mean, std); any value given overrides."""
+    """The model's timm data config (input size, interpolation, crop_pct, mean, std); any value given overrides. A
+    model built with another ``in_chans`` than its pretrained config's gets that many channels in ``input_size``,
+    and for one channel the mean of the config's mean and std."""
     overrides = dict(img_size=img_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
-    return resolve_model_data_config(model, args={k: v for k, v in overrides.items() if v is not None})
+    config = resolve_model_data_config(model, args={k: v for k, v in overrides.items() if v is not None})
+    channels = getattr(model, 'in_chans', None)
+    if isinstance(channels, int) and channels != config['input_size'][0]:
+        config['input_size'] = (channels, *config['input_size'][1:])
+        for key in ('mean', 'std'):
+            if channels == 1 and len(config[key]) != 1:
+                config[key] = (sum(config[key]) / len(config[key]),)
+    return config

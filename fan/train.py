@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 import yaml
+from PIL import Image
 from timm.data import Mixup, create_dataset, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -32,9 +33,11 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
+from torchvision.transforms import Compose
 from tqdm import tqdm
 
 from .augment import SmoothMix
+from .data import fashion_mnist
 from .distributed import DistributedContext, distributed_context
 from .errors import MissingPathError, UserError
 from .factory import resolve_data_config
@@ -151,7 +154,15 @@ class ShardSampler(Sampler):
 
 
 def _datasets(args: argparse.Namespace, settings: Dict[str, Any], data_config: Dict[str, Any]):
+    """(train set, validation set, classes). Images reach the transforms in the model's mode (RGB, or L for a
+    1-channel model): timm's torch datasets hand over torchvision's images as they are (Fashion-MNIST: greyscale).
+    Fashion-MNIST is read from Debian's package or ``--data`` (``fan.data.fashion_mnist``) and normalised with its
+    own mean and std."""
     root = Path(args.data)
+    if args.dataset == 'torch/fashion_mnist':
+        root = fashion_mnist.fashion_mnist_root(root)
+        channels = data_config['input_size'][0]
+        data_config = dict(data_config, mean=fashion_mnist.MEAN * channels, std=fashion_mnist.STD * channels)
     if not args.dataset and not root.is_dir():
         raise MissingPathError(f'dataset folder not found: {root}')
     if not args.dataset:
@@ -166,11 +177,22 @@ def _datasets(args: argparse.Namespace, settings: Dict[str, Any], data_config: D
     eval_transform = create_transform(**data_config)
     train = create_dataset(args.dataset, root=str(root), split='train', is_training=True)
     val = create_dataset(args.dataset, root=str(root), split='val' if not args.dataset else 'validation')
-    train.transform, val.transform = train_transform, eval_transform
+    mode = _ImageMode('L' if data_config['input_size'][0] == 1 else 'RGB')
+    train.transform, val.transform = Compose([mode, train_transform]), Compose([mode, eval_transform])
     classes = _num_classes(train)
     if classes < 2:
         raise UserError(f'{root / "train"}: training needs at least two classes, found {classes}')
     return train, val, classes
+
+
+class _ImageMode:
+    """A transform: a PIL image in ``mode`` (a picklable callable, for loader worker processes)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.mode == self.mode else image.convert(self.mode)
 
 
 def _num_classes(dataset) -> int:
