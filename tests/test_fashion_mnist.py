@@ -40,7 +40,8 @@ def idx_folder(tmp_path_factory):
 def test_idx_files_are_laid_out_for_torchvisions_reader(idx_folder, monkeypatch, tmp_path):
     monkeypatch.setattr(fashion_mnist, 'DEBIAN_DIR', tmp_path / 'no-package')
     root = fashion_mnist.fashion_mnist_root(idx_folder)
-    assert root == idx_folder and all((root / 'FashionMNIST' / 'raw' / name).is_file() for name in fashion_mnist.IDX_FILES)
+    raw = root / 'FashionMNIST' / 'raw'
+    assert root == idx_folder and all((raw / name).is_file() for name in fashion_mnist.IDX_FILES)
     train = create_dataset('torch/fashion_mnist', root=str(root), split='train')
     test = create_dataset('torch/fashion_mnist', root=str(root), split='validation')
     image, label = train[1]
