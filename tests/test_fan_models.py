@@ -335,3 +335,28 @@ def test_hybrid_legacy_norm_is_selectable():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert not torch.allclose(legacy(x), modern(x))
+
+
+def test_patch_4_stem_for_small_images():
+    """patch_size=4 (28-32 px images, e.g. Fashion-MNIST): timm's ConvPatchEmbed with two stride-2 conv + BatchNorm
+    pairs (D/2, then D channels), a 7 x 7 grid at 28 px; it trains, and fan.optimize folds it like the others."""
+    import copy
+
+    from timm.models.xcit import ConvPatchEmbed
+
+    model = timm.create_model('fan_tiny_12_p16_224', patch_size=4, img_size=28, in_chans=1, embed_dim=64, depth=2,
+                              num_heads=4, num_classes=10)
+    stem = model.patch_embed
+    assert type(stem) is ConvPatchEmbed and stem.patch_size == 4
+    convs = [m for m in stem.proj.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride) for c in convs] == [(1, 32, (2, 2)), (32, 64, (2, 2))]
+    x = torch.randn(3, 1, 28, 28)
+    tokens, grid = stem(x)
+    assert tokens.shape == (3, 49, 64) and grid == (7, 7)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    optimized = fan.optimize(copy.deepcopy(model)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model.eval()(x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match='patch_size must be 4, 8 or 16'):
+        timm.create_model('fan_tiny_12_p16_224', patch_size=2)

@@ -22,6 +22,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models import convnext
 from timm.models.xcit import ClassAttentionBlock, ConvPatchEmbed, PositionalEncodingFourier
+from timm.models.xcit import conv3x3 as xcit_conv3x3
 from timm.models.xcit import checkpoint_filter_fn as xcit_checkpoint_filter_fn
 
 from ..layers import ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, map_to_tokens, tokens_to_map
@@ -133,6 +134,34 @@ class HybridEmbed(nn.Module):
         return map_to_tokens(x), (x.shape[-2], x.shape[-1])
 
 
+def conv_stem(
+        patch_size: int,
+        in_chans: int,
+        embed_dim: int,
+        act_layer: Type[nn.Module] = nn.GELU,
+        device=None,
+        dtype=None,
+) -> ConvPatchEmbed:
+    """FAN-ViT's stem, timm's XCiT ``ConvPatchEmbed``: log2(patch_size) stride-2 3x3 conv + BatchNorm pairs with
+    activations between, the widths doubling up to ``embed_dim``; image (B, C, H, W) -> tokens (B, H/p * W/p, D)
+    and the grid. timm builds patch 16 (four pairs) and 8 (three); patch 4 (two: ``embed_dim / 2``, then
+    ``embed_dim``), for 28-32 px images, is the same module with a two-pair ``proj``."""
+    dd = {'device': device, 'dtype': dtype}
+    if patch_size not in (4, 8, 16):
+        raise ValueError(f'patch_size must be 4, 8 or 16 for the conv stem, got {patch_size}')
+    stem = ConvPatchEmbed(patch_size=max(patch_size, 8), in_chans=in_chans, embed_dim=embed_dim,
+                          act_layer=act_layer, **dd)
+    if patch_size == 4:
+        stem.proj = nn.Sequential(
+            xcit_conv3x3(in_chans, embed_dim // 2, 2, **dd),
+            act_layer(),
+            xcit_conv3x3(embed_dim // 2, embed_dim, 2, **dd),
+        )
+        stem.patch_size = patch_size
+        stem.num_patches = (stem.img_size[0] // patch_size) * (stem.img_size[1] // patch_size)
+    return stem
+
+
 def _per_stage(value: IntOrSeq, num_stages: int, name: str) -> Tuple[int, ...]:
     value = (value,) * num_stages if isinstance(value, int) else tuple(value)
     if len(value) != num_stages:
@@ -183,7 +212,8 @@ class Fan(nn.Module):
         Args:
             img_size: Input size the model is built for (int or (H, W)), a multiple of the stem stride unless
                 ``dynamic_img_pad``; any other such size also runs (the positional encoding is computed per input).
-            patch_size: Patch size of the conv stem (16 or 8); FAN-Hybrid always has stride 16.
+            patch_size: Patch size of the conv stem (16, 8, or 4 for 28-32 px images); FAN-Hybrid always has
+                stride 16.
             in_chans: Number of image channels.
             num_classes: Number of classes of the head (0 for no head).
             global_pool: Pooling for the head: 'token' (class token), 'avg' (mean of patch tokens) or ''.
@@ -234,10 +264,7 @@ class Fan(nn.Module):
             self.patch_size = 16
             stem_info = self.patch_embed.backbone.feature_info
         else:
-            if patch_size not in (8, 16):
-                raise ValueError(f'patch_size must be 8 or 16 for the conv stem, got {patch_size}')
-            self.patch_embed = ConvPatchEmbed(
-                patch_size=patch_size, in_chans=in_chans, embed_dim=dims[0], act_layer=act_layer, **dd)
+            self.patch_embed = conv_stem(patch_size, in_chans, dims[0], act_layer, **dd)
             self.patch_size = patch_size
             stem_info = []
         if not dynamic_img_pad and (self.img_size[0] % self.patch_size or self.img_size[1] % self.patch_size):
