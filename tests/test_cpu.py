@@ -78,7 +78,7 @@ def test_fast_dwconv_mlp_inference_folds_the_norm(grid, residual):
     rows, cols = grid
     tokens = torch.randn(2, rows * cols, C)
     with torch.no_grad():
-        assert mlp._fused_path(tokens) == ('inference' if kernels.MKLDNN_CONV else None)
+        assert mlp._fused_path(tokens, kernels.cpu_fast_path_dtype(tokens)) == ('inference' if kernels.MKLDNN_CONV else None)
         out = mlp(tokens, rows, cols)
     for b in range(2):
         expected = naive_dwconv_mlp(tokens[b], mlp, rows, cols, residual)
@@ -282,7 +282,7 @@ def test_bf16_autocast_inference_paths_match_the_formula(grid, monkeypatch):
 
     monkeypatch.setattr(F, 'scaled_dot_product_attention', no_sdpa)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        assert mlp._fused_path(tokens) == ('inference' if kernels.MKLDNN_CONV else None)
+        assert mlp._fused_path(tokens, kernels.cpu_fast_path_dtype(tokens)) == ('inference' if kernels.MKLDNN_CONV else None)
         got = [layer(tokens), mlp(tokens, rows, cols), attn(tokens), channel_attn(tokens, rows, cols)]
         stem_tokens, _ = stem(images)
     monkeypatch.undo()

@@ -98,27 +98,29 @@ class FastDwConvMlp(DwConvMlp):
     - training: ``ConvGeluNormConv``, which keeps two maps per block instead of five and recomputes the rest.
 
     Forward hooks on ``dwconv`` and its parts do not fire on these paths; a hook on ``fc1`` sees its output, which
-    is not changed afterwards.
+    is not changed afterwards (inference adds the residual sum into fc1's output only when no hook can see it).
     """
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        path = self._fused_path(x)
+        dtype = cpu_fast_path_dtype(x)
+        path = self._fused_path(x, dtype)
         if path is None:
             return super().forward(x, H, W)
         hidden = tokens_to_map(self.fc1(x), H, W)
         conv2 = self.dwconv.conv2
         w2, b2 = fold_out_scale(conv2.weight, conv2.bias, self.gamma)
         if path == 'inference':
-            mixed = self._inference(hidden.to(cpu_fast_path_dtype(x)), w2, b2)
+            mixed = self._inference(hidden.to(dtype), w2, b2)
         else:
             mixer, conv1, bn = self.dwconv, self.dwconv.conv1, self.dwconv.bn
             mixed = ConvGeluNormConv.apply(
                 hidden, conv1.weight, conv1.bias, bn.weight, bn.bias, w2, b2, mixer, self.residual)
         return self.drop(self.fc2(map_to_tokens(mixed)))
 
-    def _fused_path(self, x: torch.Tensor) -> Optional[str]:
-        """'inference', 'training' or None (the plain forward) for tokens ``x``."""
-        if cpu_fast_path_dtype(x) is None or not _is_standard_mixer(self.dwconv):
+    def _fused_path(self, x: torch.Tensor, dtype: Optional[torch.dtype]) -> Optional[str]:
+        """'inference', 'training' or None (the plain forward) for tokens ``x`` whose kernel dtype is ``dtype``
+        (``cpu_fast_path_dtype``)."""
+        if dtype is None or not _is_standard_mixer(self.dwconv):
             return None
         bn = self.dwconv.bn
         if not needs_autograd(x, self):
@@ -140,8 +142,10 @@ class FastDwConvMlp(DwConvMlp):
         bias = shift_taps.sum((1, 2)) if b2 is None else b2 + shift_taps.sum((1, 2))
         a = onednn_conv(x, mixer.conv1, mixer.conv1.weight, mixer.conv1.bias, gelu=mixer.act)
         add_to = None
-        if self.residual:  # conv2 adds its output to a channels-last copy of x (fc1's output stays as a hook saw it)
-            add_to = x.clone(memory_format=torch.channels_last)
+        if self.residual:  # conv2's output is added into x, in the channels-last layout of its output
+            hooked = self.fc1._forward_hooks or nn.modules.module._global_forward_hooks
+            in_place = not hooked and x.is_contiguous(memory_format=torch.channels_last)
+            add_to = x if in_place else x.clone(memory_format=torch.channels_last)  # (a hook keeps what it saw)
         out = onednn_conv(a, mixer.conv2, w2 * scale[:, None, None, None], bias, add_to=add_to)
         remove_padding_taps(out, shift_taps)
         return out
