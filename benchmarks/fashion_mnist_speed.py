@@ -1,19 +1,19 @@
-"""Training speed of a micro FAN on Fashion-MNIST-sized inputs: can one 60,000-image epoch fit in 3 minutes on the
-project's 2 CPU cores?
+"""Training speed of the Fashion-MNIST study's models (the FAN micro models and their ViT / XCiT / ConvNet
+baselines): does one 60,000-image epoch fit in 3 minutes on the project's 2 CPU cores?
 
     python benchmarks/fashion_mnist_speed.py --out benchmarks/results/fashion_mnist_speed_zen4.csv
 
-A FAN-ViT with the patch-4 stem (``--model-kwargs``-style arguments below; 1-channel 28 px images, 10 classes),
-trained on in-memory random tensors (the model's compute is what costs, not the loader) with AdamW and
-cross-entropy, plain and after ``fan.optimize``, in float32 and under bfloat16 autocast. Each variant runs in this
-one process, the variants alternating over ``--rounds`` rounds of ``--steps`` timed steps; the row gives the median
-images/s and the epoch time it implies.
+Each model of ``fan.study.training.MODELS`` at its input size (1 channel, 10 classes), trained on in-memory random
+tensors (the model's compute is what costs, not the loader) with AdamW and cross-entropy, plain and after
+``fan.optimize``, in float32 and under bfloat16 autocast. The variants of a model alternate over ``--rounds`` rounds
+of ``--steps`` timed steps, in this one process; each row gives the median images/s and the epoch time it implies.
 """
 import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, Dict, List
 
 import torch
 
@@ -22,29 +22,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fan  # noqa: E402
 from fan.bench.runner import describe_machine  # noqa: E402
 from fan.io import write_csv, write_json  # noqa: E402
+from fan.study.training import MODELS, StudyModel, build_model  # noqa: E402
 
-MODEL = 'fan_tiny_12_p16_224'
-MICRO = dict(patch_size=4, img_size=28, in_chans=1, embed_dim=128, depth=6, num_heads=4, num_classes=10)
 EPOCH = 60_000
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--batch', type=int, default=128)
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--steps', type=int, default=8)
-    parser.add_argument('--rounds', type=int, default=3)
-    parser.add_argument('--out', type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def measure(spec: StudyModel, args: argparse.Namespace) -> List[Dict[str, Any]]:
     torch.manual_seed(0)
-    images, labels = torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
+    images = torch.randn(args.batch, 1, spec.img_size, spec.img_size)
+    labels = torch.randint(0, 10, (args.batch,))
     variants = {}
     for optimized in (False, True):
         for precision in ('fp32', 'bf16'):
-            model = fan.create_model(MODEL, optimize=optimized, **MICRO).train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            variants[(optimized, precision)] = (model, optimizer)
+            model = build_model(spec).train()
+            if optimized:
+                fan.optimize(model)
+            variants[(optimized, precision)] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
     params = sum(p.numel() for p in variants[(False, 'fp32')][0].parameters())
 
     def step(model, optimizer, precision):
@@ -66,11 +59,28 @@ def main() -> int:
     rows = []
     for (optimized, precision), values in rates.items():
         rate = statistics.median(values)
-        rows.append(dict(model=f'{MODEL} {MICRO}', params_m=round(params / 1e6, 3), variant='optimized' if optimized
-                         else 'plain', precision=precision, batch=args.batch, train_img_s=round(rate, 1),
-                         epoch_minutes=round(EPOCH / rate / 60, 2), rounds=len(values)))
-        print(f"{rows[-1]['variant']:9s} {precision}: {rate:7.1f} img/s, a 60,000-image epoch in "
-              f"{rows[-1]['epoch_minutes']:.2f} min")
+        rows.append(dict(model=spec.key, arch=spec.arch, img_size=spec.img_size, params_m=round(params / 1e6, 3),
+                         variant='optimized' if optimized else 'plain', precision=precision, batch=args.batch,
+                         train_img_s=round(rate, 1), epoch_minutes=round(EPOCH / rate / 60, 2), rounds=len(values)))
+        print(f"{spec.key:10s} {rows[-1]['variant']:9s} {precision}: {rate:7.1f} img/s, a 60,000-image epoch in "
+              f"{rows[-1]['epoch_minutes']:.2f} min", flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--steps', type=int, default=8)
+    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--models', nargs='+', help='study model keys (default: all)')
+    parser.add_argument('--out', type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    keys = args.models or [spec.key for spec in MODELS]
+    rows = []
+    for spec in (s for s in MODELS if s.key in keys):
+        rows += measure(spec, args)
     write_csv(args.out, rows, list(rows[0]))
     write_json(args.out.with_suffix('.json'), {'machine': describe_machine('cpu'), 'rows': rows,
                                                'command': ' '.join(['python', *sys.argv])})

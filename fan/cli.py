@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     'fan.bench.cli',
     'fan.export',
     'fan.train',
+    'fan.study.cli',
 )
 
 

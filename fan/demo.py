@@ -14,6 +14,7 @@ from .options import add_out_option
 DEMO_STEPS = (
     'fan.zoo:demo_zoo_table',
     'fan.zoo:demo_classify_photos',
+    'fan.zoo:demo_fashion_mnist',
     'fan.robustness.demo:demo_imagenet_c',
     'fan.analysis.cli:demo_spectrum',
     'fan.ood:demo_ash_scores',

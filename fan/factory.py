@@ -14,18 +14,19 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import timm
 import torch
 import torch.nn as nn
-from timm.data import resolve_model_data_config
+from timm.data import create_transform, resolve_model_data_config
 
 from .errors import MissingPathError, UserError
 from .models._checkpoint import unwrap_checkpoint
 from .registry import family_of, fan_models
 
-__all__ = ['create_model', 'resolve_data_config', 'load_checkpoint_file', 'check_model_name']
+__all__ = ['create_model', 'resolve_data_config', 'create_image_transform', 'load_checkpoint_file',
+           'check_model_name']
 
 PathLike = Union[str, os.PathLike]
 
@@ -203,3 +204,13 @@ def resolve_data_config(
             if channels == 1 and len(config[key]) != 1:
                 config[key] = (sum(config[key]) / len(config[key]),)
     return config
+
+
+def create_image_transform(data_config: Dict[str, Any], **kwargs: Any) -> Callable:
+    """timm's transform for a data config (``kwargs`` go to ``create_transform``, e.g. ``is_training``), taking PIL
+    images in any mode: they are first converted to the model's, greyscale for a 1-channel model, else RGB."""
+    from torchvision.transforms import Compose
+
+    from .io import ImageMode
+
+    return Compose([ImageMode.for_channels(data_config['input_size'][0]), create_transform(**data_config, **kwargs)])

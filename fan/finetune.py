@@ -32,10 +32,9 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from timm.data import create_transform
 
 from .errors import MissingPathError, UserError, require_extra
-from .factory import create_model, resolve_data_config
+from .factory import create_image_transform, create_model, resolve_data_config
 from .io import save_torch, write_json
 from .options import (add_data_option, add_model_options, add_out_option, add_run_options, model_from_args,
                       positive_float, positive_int, resolve_device, seed_everything)
@@ -332,8 +331,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     model = model_from_args(args)
     config = resolve_data_config(model)
-    transform = create_transform(**config)
-    train_transform = create_transform(**config, is_training=True) if args.augment else transform
+    transform = create_image_transform(config)
+    train_transform = create_image_transform(config, is_training=True) if args.augment else transform
     data = load_image_folders(args.data, transform, train_transform, args.ood)
     print(f'{args.model}, mode {args.mode}: {len(data.classes)} classes, {len(data.train)} train / '
           f'{len(data.val)} val' + (f' / {len(data.ood)} OOD images' if data.ood is not None else ''))
@@ -398,7 +397,7 @@ def demo_lpft(out_dir: Path) -> None:
     for mode in MODES:
         torch.manual_seed(0)
         model = create_model('resnet18')
-        transform = create_transform(**resolve_data_config(model, img_size=64))
+        transform = create_image_transform(resolve_data_config(model, img_size=64))
         data = load_image_folders(str(root / 'data'), transform, transform, str(root / 'data' / 'ood'))
         rows.append(run_transfer(model, data, mode, root / mode, epochs=3, lr=0.01, batch_size=8, workers=0))
     print(f"  {'mode':<6}{'ID acc':>8}{'OOD acc':>9}{'distortion ID':>15}{'distortion OOD':>16}")

@@ -16,7 +16,7 @@ from timm.data import get_img_extensions
 
 from .errors import MissingPathError, UserError
 
-__all__ = ['write_atomic', 'write_json', 'write_csv', 'save_torch', 'to_rgb', 'read_image', 'read_images',
+__all__ = ['write_atomic', 'write_json', 'write_csv', 'save_torch', 'ImageMode', 'to_rgb', 'read_image', 'read_images',
            'readable_images', 'image_files', 'find_images']
 
 PathLike = Union[str, os.PathLike]
@@ -85,6 +85,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
             values = values * 255
         image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode='L')
     return image.convert('RGB')
+
+
+class ImageMode:
+    """A transform: a PIL image in ``mode`` (a picklable callable, for loader worker processes)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    @classmethod
+    def for_channels(cls, channels: int) -> 'ImageMode':
+        """The mode of a model's input: L for a 1-channel model, else RGB."""
+        return cls('L' if channels == 1 else 'RGB')
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.mode == self.mode else image.convert(self.mode)
 
 
 def read_image(path: PathLike) -> Image.Image:

@@ -29,12 +29,11 @@ import timm
 import torch
 import torch.nn as nn
 from PIL import Image
-from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .errors import UserError, require_extra
-from .factory import create_model, resolve_data_config
+from .factory import create_image_transform, create_model, resolve_data_config
 from .io import find_images, read_image, readable_images, write_atomic, write_json
 from .options import (add_data_option, add_model_options, add_out_option, add_run_options, autocast, model_from_args,
                       percentage, resolve_device)
@@ -293,7 +292,7 @@ def _format_table(rows: List[Tuple[str, str, Dict[str, float]]]) -> str:
 def _run_ood(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = model_from_args(args, device)
-    transform = create_transform(**resolve_data_config(model))
+    transform = create_image_transform(resolve_data_config(model))
     names = [Path(folder).name for folder in args.ood]
     if len(set(names)) < len(names) or 'ID' in names:  # keep the report unambiguous
         names = [str(folder) for folder in args.ood]
@@ -369,7 +368,7 @@ def demo_ash_scores(out_dir: Path) -> None:
     name = 'fan_tiny_12_p16_224' if timm.is_model('fan_tiny_12_p16_224') else 'resnet18'
     torch.manual_seed(0)
     model = create_model(name).eval()
-    transform = create_transform(**resolve_data_config(model))
+    transform = create_image_transform(resolve_data_config(model))
     photos = bundled_photos()
     sets = {'photos (ID)': [p.image for p in photos], **_synthetic_ood_images(len(photos), 224)}
     images = {key: torch.stack([transform(image) for image in value]) for key, value in sets.items()}

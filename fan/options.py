@@ -69,7 +69,8 @@ def add_model_options(
                             + (' (default: %(default)s)' if default else ''))
     weights = group.add_mutually_exclusive_group()
     weights.add_argument('--pretrained', action='store_true',
-                         help='official weights of the model (downloaded once into the timm cache)')
+                         help='released weights of the model: official ones (downloaded once into the timm cache), '
+                              'or NAME.fashion_mnist, shipped with the package')
     weights.add_argument('--checkpoint', type=Path, metavar='FILE',
                          help='weights file: official release, timm training checkpoint, state dict or .safetensors '
                               '(loaded safely, through the model\'s checkpoint filter)')

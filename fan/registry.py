@@ -27,12 +27,13 @@ class Family:
 
 
 FAMILIES: Tuple[Family, ...] = (
-    Family('FAN-ViT', 'fan', ('fan_*_p16_224*',), True,
-           'conv stem, stride 16; FAN blocks, class attention'),
-    Family('FAN-Hybrid', 'fan', ('fan_*_hybrid',), True,
-           'ConvNeXt stem (2 stages, stride 4 and 8), then FAN blocks at stride 16'),
+    Family('FAN-ViT', 'fan', ('fan_*_p16_224*', 'fan_micro_*_p4_28'), True,
+           'conv stem, stride 16 (4 for the 28 px micro model); FAN blocks, class attention'),
+    Family('FAN-Hybrid', 'fan', ('fan_*_hybrid', 'fan_micro_*_hybrid_32'), True,
+           'ConvNeXt stem (2 stages, stride 4 and 8; 2 and 4 for the micro model), then FAN blocks at stride 16 (8)'),
     Family('FAN-Swin', 'fan_swin', ('fan_swin_*',), False,
-           'Swin Transformer (patch 4, window 7) with FAN channel attention in stages 1-3',
+           'Swin Transformer (patch 4, window 7; the micro model: 2 stages, window 4) with FAN channel attention in '
+           'all stages but the last',
            {'dynamic_img_size': True}),
 )
 

@@ -41,7 +41,7 @@ from .data import fashion_mnist
 from .distributed import DistributedContext, distributed_context
 from .errors import MissingPathError, UserError
 from .factory import resolve_data_config
-from .io import save_torch, write_atomic, write_csv
+from .io import ImageMode, save_torch, write_atomic, write_csv
 from .options import (add_data_option, add_model_options, add_out_option, add_run_options, autocast, model_from_args,
                       non_negative_float, non_negative_int, positive_float, positive_int, probability,
                       seed_everything, uses_fast_modules)
@@ -177,22 +177,12 @@ def _datasets(args: argparse.Namespace, settings: Dict[str, Any], data_config: D
     eval_transform = create_transform(**data_config)
     train = create_dataset(args.dataset, root=str(root), split='train', is_training=True)
     val = create_dataset(args.dataset, root=str(root), split='val' if not args.dataset else 'validation')
-    mode = _ImageMode('L' if data_config['input_size'][0] == 1 else 'RGB')
+    mode = ImageMode.for_channels(data_config['input_size'][0])
     train.transform, val.transform = Compose([mode, train_transform]), Compose([mode, eval_transform])
     classes = _num_classes(train)
     if classes < 2:
         raise UserError(f'{root / "train"}: training needs at least two classes, found {classes}')
     return train, val, classes
-
-
-class _ImageMode:
-    """A transform: a PIL image in ``mode`` (a picklable callable, for loader worker processes)."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return image if image.mode == self.mode else image.convert(self.mode)
 
 
 def _num_classes(dataset) -> int:

@@ -1,4 +1,4 @@
-"""The zoo at a glance: ``fan list`` (registered models, size, official weights, licence) and ``fan predict``.
+"""The zoo at a glance: ``fan list`` (registered models, size, weights tags, licence) and ``fan predict``.
 
 Parameters are counted on the meta device, so listing the zoo allocates no weights.
 """
@@ -11,15 +11,17 @@ import timm
 import torch
 import torch.nn as nn
 from PIL import Image
-from timm.data import ImageNetInfo, create_transform
+from timm.data import ImageNetInfo
 
 from .data import bundled_photos
-from .errors import UserError
-from .factory import create_model, resolve_data_config
+from .data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES, bundled_samples, load_fashion_mnist
+from .errors import MissingPathError, UserError
+from .factory import create_image_transform, create_model, resolve_data_config
 from .io import image_files, read_images, write_atomic, write_json
 from .options import (add_model_options, add_out_option, add_run_options, autocast, model_from_args, positive_int,
                       resolve_device)
-from .registry import FAMILIES
+from .models._checkpoint import FASHION_MNIST_TAG, packaged_weights, packaged_weights_record
+from .registry import FAMILIES, fan_models
 
 __all__ = ['ZooEntry', 'zoo', 'format_zoo', 'count_params', 'classify']
 
@@ -32,7 +34,7 @@ class ZooEntry:
     name: str
     family: str
     params: int
-    weights: Tuple[str, ...]  # tags with official weights, e.g. ('nv_in1k',)
+    weights: Tuple[str, ...]  # tags with weights, e.g. ('nv_in1k',) or ('fashion_mnist',)
     license: str
 
 
@@ -59,7 +61,7 @@ def zoo(pattern: str = '*') -> List[ZooEntry]:
 
 
 def format_zoo(entries: Sequence[ZooEntry]) -> str:
-    rows = [('model', 'family', 'params (M)', 'official weights', 'weights licence')]
+    rows = [('model', 'family', 'params (M)', 'weights (tags)', 'weights licence')]
     rows += [(e.name, e.family, f'{e.params / 1e6:.2f}', ', '.join(e.weights) or '-', e.license) for e in entries]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ['  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -71,7 +73,7 @@ def format_zoo(entries: Sequence[ZooEntry]) -> str:
 def classify(model: nn.Module, images: Sequence[Image.Image], top_k: int = 5, precision: str = 'fp32'
              ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k (probabilities, class indices), each (B, k), with the model's own eval preprocessing."""
-    transform = create_transform(**resolve_data_config(model))
+    transform = create_image_transform(resolve_data_config(model))
     device = next(model.parameters()).device
     batch = torch.stack([transform(im) for im in images]).to(device)
     with autocast(precision, device)():
@@ -80,15 +82,18 @@ def classify(model: nn.Module, images: Sequence[Image.Image], top_k: int = 5, pr
 
 
 def _predictions(names: Sequence[str], probs: torch.Tensor, indices: torch.Tensor, num_classes: int,
-                 labels: Optional[Sequence[int]] = None) -> List[dict]:
-    """One dict per image: its top-k classes (ImageNet names for a 1000-class model) and its true label if known."""
-    info = ImageNetInfo() if num_classes == 1000 else None
+                 labels: Optional[Sequence[int]] = None, class_names: Optional[Sequence[str]] = None) -> List[dict]:
+    """One dict per image: its top-k classes (``class_names``, else ImageNet's for a 1000-class model, else indices)
+    and its true label if known."""
+    if class_names is None and num_classes == 1000:
+        class_names = [ImageNetInfo().index_to_description(c) for c in range(1000)]
+    describe = (lambda c: class_names[c]) if class_names else str
     rows = []
     for i, name in enumerate(names):
-        top = [{'class': c, 'label': info.index_to_description(c) if info else str(c), 'probability': p}
+        top = [{'class': c, 'label': describe(c), 'probability': p}
                for p, c in zip(probs[i].tolist(), indices[i].tolist())]
         rows.append({'image': name, 'top': top,
-                     'true_label': info.index_to_description(labels[i]) if labels and info else None})
+                     'true_label': describe(labels[i]) if labels and class_names else None})
     return rows
 
 
@@ -134,6 +139,42 @@ def demo_classify_photos(out_dir: Path) -> None:
     write_json(out_dir / 'predictions.json', {'model': DEMO_MODEL, 'weights': weights, 'predictions': rows})
 
 
+def shipped_fashion_mnist_models() -> List[str]:
+    """The FAN models whose Fashion-MNIST weights ship in the package, best test top-1 first."""
+    shipped = [name for name in fan_models() if packaged_weights(name)]
+    return sorted(shipped, key=lambda name: -packaged_weights_record(packaged_weights(name))['test_top1'])
+
+
+def demo_fashion_mnist(out_dir: Path) -> None:
+    """Demo step: the best FAN micro model with the Fashion-MNIST weights trained by this project (offline), on the
+    10,000 real test images when the dataset is installed, else on the ten test images that ship with the package."""
+    shipped = shipped_fashion_mnist_models()
+    if not shipped:
+        raise UserError('no Fashion-MNIST weights ship with this package (fan/weights/ is empty)')
+    name = f'{shipped[0]}.{FASHION_MNIST_TAG}'
+    record = packaged_weights_record(packaged_weights(shipped[0]))
+    model = create_model(name, pretrained=True)
+    try:
+        dataset = load_fashion_mnist()
+        images = [Image.fromarray(image.numpy(), 'L') for image in dataset.test_images]
+        names, labels = [f'test image {i}' for i in range(len(images))], dataset.test_labels.tolist()
+        source = f'the {len(images):,} Fashion-MNIST test images (Debian\'s dataset-fashion-mnist)'
+    except MissingPathError as missing:
+        print(f'{missing}; using the ten test images that ship with the package')
+        names, images, labels = map(list, zip(*bundled_samples()))
+        source = 'the ten Fashion-MNIST test images that ship with the package'
+    probs, indices = zip(*(classify(model, images[i:i + 500], top_k=3) for i in range(0, len(images), 500)))
+    probs, indices = torch.cat(probs), torch.cat(indices)
+    accuracy = (indices[:, 0] == torch.tensor(labels)).float().mean().item()
+    print(f'{name}: weights trained by this project ({record["dataset"]}, seed {record["seed"]}; its card states '
+          f'test top-1 {record["test_top1"]:.4f}) on {source}: top-1 {accuracy:.4f}')
+    rows = _predictions(names, probs, indices, model.num_classes, labels, FASHION_MNIST_CLASSES)
+    _print_predictions(rows[:8])
+    write_json(out_dir / 'fashion_mnist_predictions.json',
+               {'model': name, 'weights': 'fashion_mnist (shipped, trained by this project)', 'images': source,
+                'top1': accuracy, 'predictions': rows})
+
+
 def _list(args: argparse.Namespace) -> int:
     entries = zoo(args.filter)
     if not entries:
@@ -150,11 +191,13 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         photos = bundled_photos()
         names, images, labels = [p.name for p in photos], [p.image for p in photos], [p.label for p in photos]
+    fashion_mnist = getattr(model, 'pretrained_cfg', {}).get('tag') == FASHION_MNIST_TAG
+    class_names = FASHION_MNIST_CLASSES if fashion_mnist else None
     rows = []
     for start in range(0, len(images), args.batch_size):
         probs, indices = classify(model, images[start:start + args.batch_size], args.top_k, args.precision)
         rows += _predictions(names[start:start + args.batch_size], probs, indices, model.num_classes,
-                             labels[start:start + args.batch_size] if labels else None)
+                             labels[start:start + args.batch_size] if labels else None, class_names)
     _print_predictions(rows)
     path = write_json(args.out / 'predictions.json', {'model': args.model, 'predictions': rows})
     print(f'written: {path}')

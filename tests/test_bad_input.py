@@ -69,7 +69,7 @@ CASES = [
     (['eval', '--model', VIT, '--data', '{root}', '-j', '-1'], 'argument -j/--workers: must be 0 or more, got -1'),
     (['eval', '--model', VIT, '--data', '{root}', '--crop-pct', '0'], 'argument --crop-pct: must be a positive'),
     (['eval-c', '--model', VIT, '--data', '{root}', '-b', '0'], 'argument -b/--batch-size: must be at least 1'),
-    (['make-c', '--data', '{root}', '--size', '0'], 'argument --size: must be at least 1, got 0'),
+    (['make-c', '--data', '{root}', '--size', '-1'], 'argument --size: must be 0 or more, got -1'),
     (['make-c', '--data', '{root}/classes', '--corruptions', 'fog', '--severities', '1', '-j', '0'],
      'no image in {root}/classes could be read or corrupted'),
     (['eval', '--model', VIT, '--data', '{root}/classes', '-j', '0'], 'no readable image in {root}/classes'),

@@ -37,6 +37,12 @@ OFFICIAL_PARAMS = {
     'fan_swin_base_patch4_window7_224': 93_599_448,
     'fan_swin_large_patch4_window7_224': 208_941_136,
 }
+# the micro models for 28-32 px greyscale images (Fashion-MNIST): this project's, no official counterpart
+MICRO_PARAMS = {
+    'fan_micro_2_p4_28': 935_890,
+    'fan_micro_3_p8_hybrid_32': 1_257_030,
+    'fan_swin_micro_patch4_window4_32': 1_229_602,
+}
 GOLDEN = ['fan_tiny_12_p16_224', 'fan_tiny_8_p4_hybrid', 'fan_swin_tiny_patch4_window7_224']
 
 
@@ -62,8 +68,8 @@ def released_file(tmp_path, state_dict, name, wrap='saver'):
 
 
 def test_registered_models_and_params():
-    assert set(timm.list_models('fan_*')) == set(OFFICIAL_PARAMS)
-    for name, params in OFFICIAL_PARAMS.items():
+    assert set(timm.list_models('fan_*')) == set(OFFICIAL_PARAMS) | set(MICRO_PARAMS)
+    for name, params in {**OFFICIAL_PARAMS, **MICRO_PARAMS}.items():
         assert count_params(name) == params, name
 
 
@@ -360,3 +366,21 @@ def test_patch_4_stem_for_small_images():
         torch.testing.assert_close(optimized(x), model.eval()(x), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match='patch_size must be 4, 8 or 16'):
         timm.create_model('fan_tiny_12_p16_224', patch_size=2)
+
+
+@pytest.mark.parametrize('name', sorted(MICRO_PARAMS))
+def test_micro_models_on_fashion_mnist_sized_images(name):
+    """The micro models take 1-channel 28 / 32 px images (10 classes); their feature maps follow feature_info."""
+    model = timm.create_model(name).eval()
+    channels, size, _ = model.pretrained_cfg['input_size']
+    x = torch.randn(2, channels, size, size)
+    assert channels == 1 and size in (28, 32) and model(x).shape == (2, 10)
+    features = timm.create_model(name, features_only=True).eval()
+    maps = features(x)
+    assert [m.shape[1] for m in maps] == features.feature_info.channels()
+    assert [m.shape[-1] for m in maps] == [size // r for r in features.feature_info.reduction()]
+    intermediates = model.forward_intermediates(x, intermediates_only=True)
+    assert [(m.shape[1], m.shape[-1]) for m in intermediates] == [
+        (info['num_chs'], size // info['reduction']) for info in model.feature_info]
+    with pytest.raises(ValueError, match='patch_size must be 4, 8 or 16 for the hybrid stem'):
+        timm.create_model('fan_micro_3_p8_hybrid_32', patch_size=2)

@@ -17,7 +17,7 @@ from timm.data import create_transform
 from tqdm import tqdm
 
 from ..errors import UserError, require_extra
-from ..factory import create_model, resolve_data_config
+from ..factory import create_image_transform, create_model, resolve_data_config
 from ..io import image_files, read_images, write_json
 from ..options import (add_data_option, add_model_options, add_out_option, add_run_options, non_negative_float,
                        non_negative_int, positive_int, probability, uses_fast_modules)
@@ -62,7 +62,7 @@ def _parse_model_spec(spec: str) -> ModelSpec:
 
 def _batches(model: nn.Module, images: Sequence[NamedImage], batch_size: int) -> Iterator[torch.Tensor]:
     """Normalised (B, 3, H, W) batches made with the model's eval transform."""
-    transform = create_transform(**resolve_data_config(model))
+    transform = create_image_transform(resolve_data_config(model))
     for start in range(0, len(images), batch_size):
         yield torch.stack([transform(image) for _, image in images[start:start + batch_size]])
 

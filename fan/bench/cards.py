@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..models.fan import Fan, HybridEmbed
 from ..models.fan_swin import FanSwin
+from ..models._checkpoint import packaged_weights_record
 from ..factory import create_model
 from ..registry import FAMILIES, fan_models
 from ..zoo import zoo
@@ -71,6 +72,14 @@ def _stage(blocks: Sequence[nn.Module], dim: int, **extra: Any) -> Dict[str, Any
     return {'depth': len(blocks), 'dim': dim, 'num_heads': blocks[0].attn.num_heads, **extra, 'mlp': '+'.join(mlps)}
 
 
+def _trained_here(cfg) -> Dict[str, Any]:
+    """For weights this project trained and ships (a ``file`` in the package): ``trained``, how they were trained
+    and their measured accuracy (the record beside the file)."""
+    if not cfg.file:
+        return {}
+    return {'trained': packaged_weights_record(Path(cfg.file))}
+
+
 def _published(name: str) -> List[Dict[str, Any]]:
     """The published results of ``name`` as card entries (without the model name)."""
     return [{k: v for k, v in asdict(r).items() if k != 'model'} for r in fan_results(name)]
@@ -97,13 +106,14 @@ def build_card(name: str) -> Dict[str, Any]:
         same_shape = tag_size == input_size and tag_cfg.num_classes == cfg['num_classes']
         weights.append({
             'tag': tag,
-            'checkpoint': tag_cfg.url.rsplit('/', 1)[-1],
+            'checkpoint': (tag_cfg.url or tag_cfg.file).rsplit('/', 1)[-1],
             'url': tag_cfg.url,
             'license': tag_cfg.license,
             'input_size': list(tag_size),
             'num_classes': tag_cfg.num_classes,
             'param_count': entry.params if same_shape else count_params(_meta_model(f'{name}.{tag}')),
             'gmacs': round(gmacs if same_shape else count_gmacs(f'{name}.{tag}', tag_size), 4),
+            **_trained_here(tag_cfg),
         })
     return {
         'model': name,
@@ -172,7 +182,7 @@ def card_differences(card: Dict[str, Any], count_flops: bool = True) -> List[str
         params = expected['param_count'] if cfg.num_classes == model.num_classes else count_params(
             _meta_model(f'{name}.{w["tag"]}'))
         code = {'url': cfg.url, 'license': cfg.license, 'input_size': list(cfg.input_size),
-                'num_classes': cfg.num_classes, 'param_count': params}
+                'num_classes': cfg.num_classes, 'param_count': params, **_trained_here(cfg)}
         problems += [f'{name}.{w["tag"]}: {k} is {w.get(k)!r} in the card, {v!r} in the code'
                      for k, v in code.items() if w.get(k) != v]
     if count_flops:
@@ -196,8 +206,9 @@ def zoo_table(cards: Dict[str, Dict[str, Any]]) -> str:
         name, results = card['model'], {r['tag']: r for r in card['published']}
         for w in card['weights']:
             licenses.add(w['license'])
-            lines.append(_zoo_row(f'`{name}.{w["tag"]}`', card['family'], w, results.get(w['tag']),
-                                  f'[{w["checkpoint"]}]({w["url"]})'))
+            checkpoint = f'[{w["checkpoint"]}]({w["url"]})' if w['url'] else \
+                f'in the package ({w["trained"]["dataset"]} top-1 {w["trained"]["test_top1"]:.4f}, measured here)'
+            lines.append(_zoo_row(f'`{name}.{w["tag"]}`', card['family'], w, results.get(w['tag']), checkpoint))
         if None in results or not card['weights']:
             label = f'`{name}`' + (f' ({results[None]["training_data"]})' if None in results else '')
             lines.append(_zoo_row(label, card['family'], card, results.get(None), 'not released'))
@@ -205,7 +216,8 @@ def zoo_table(cards: Dict[str, Dict[str, Any]]) -> str:
         '',
         'GMACs: fvcore multiply-adds per image at the input size, attention included (what FAN calls GFLOPs and '
         'timm `gmacs`). IN-C: mean top-1 accuracy over the ImageNet-C corruptions (higher is better, not mCE). '
-        'Accuracies are the authors\' published numbers (source in each card), not measured here.',
+        'ImageNet accuracies are the authors\' published numbers (source in each card), not measured here; the '
+        'Fashion-MNIST weights were trained and measured by this project (`fan study fashion-mnist`).',
         f'Weights licence: {", ".join(sorted(lic for lic in licenses if lic))}.',
     ]
     return '\n'.join(lines + notes)

@@ -8,15 +8,23 @@ import gzip
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
+
+import torch
+from PIL import Image
 
 from ..errors import MissingPathError
 
-__all__ = ['DEBIAN_DIR', 'IDX_FILES', 'MEAN', 'STD', 'fashion_mnist_root']
+__all__ = ['DEBIAN_DIR', 'IDX_FILES', 'MEAN', 'STD', 'CLASSES', 'SAMPLE_DIR', 'FashionMnist', 'fashion_mnist_root',
+           'load_fashion_mnist', 'bundled_samples']
 
 DEBIAN_DIR = Path('/usr/share/datasets/fashion-mnist')  # apt-get install dataset-fashion-mnist
 IDX_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 MEAN, STD = (0.2860,), (0.3530,)  # of the 60,000 training images' pixels in [0, 1]
+CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+# the first test image of each class (MIT licence, like the dataset), for when the dataset is not installed
+SAMPLE_DIR = Path(__file__).resolve().parent / 'fashion_mnist_samples'
 
 
 def _cache_dir() -> Path:
@@ -63,3 +71,34 @@ def _decompress(source: Path, target: Path) -> None:
     with opener(source, 'rb') as src, open(temporary, 'wb') as dst:
         shutil.copyfileobj(src, dst)
     os.replace(temporary, target)
+
+
+@dataclass
+class FashionMnist:
+    """The whole dataset in memory."""
+    train_images: torch.Tensor  # (60000, 28, 28) uint8
+    train_labels: torch.Tensor  # (60000,) int64
+    test_images: torch.Tensor  # (10000, 28, 28) uint8
+    test_labels: torch.Tensor  # (10000,) int64
+    classes: List[str]
+
+
+def load_fashion_mnist(data: Optional[Union[str, os.PathLike]] = None) -> FashionMnist:
+    """Fashion-MNIST through timm's ``torch/fashion_mnist`` (torchvision's reader, no download; found by
+    :func:`fashion_mnist_root`) as uint8 tensors."""
+    from timm.data import create_dataset
+
+    root = str(fashion_mnist_root(data))
+    train, test = (create_dataset('torch/fashion_mnist', root=root, split=split, download=False)
+                   for split in ('train', 'test'))
+    return FashionMnist(train.data, train.targets, test.data, test.targets, list(train.classes))
+
+
+def bundled_samples() -> List[Tuple[str, Image.Image, int]]:
+    """The ten test images that ship with the package (one per class): (name, greyscale image, label)."""
+    samples = []
+    for path in sorted(SAMPLE_DIR.glob('test*_*.png')):
+        image = Image.open(path)
+        image.load()
+        samples.append((path.name, image, int(path.stem.rsplit('_', 1)[1])))
+    return samples

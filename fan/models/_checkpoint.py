@@ -1,6 +1,8 @@
 """Checks shared by the checkpoint filters (unwrap training checkpoints, compare keys with the model), and the
 loading of release files that every entry point shares."""
-from typing import Any, Callable, Dict
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -59,3 +61,23 @@ def check_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
             f'checkpoint does not fit {type(model).__name__}: '
             f'{len(missing)} missing key(s) {missing[:20]}{" ..." if len(missing) > 20 else ""}; '
             f'{len(unexpected)} unexpected key(s) {unexpected[:20]}{" ..." if len(unexpected) > 20 else ""}')
+
+
+PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / 'weights'  # weights trained by this project, shipped
+FASHION_MNIST_TAG = 'fashion_mnist'
+
+
+def packaged_weights(arch: str, tag: str = FASHION_MNIST_TAG) -> Optional[Path]:
+    """The weights file of ``arch.tag`` that ships in the package (``fan/weights/``), or None."""
+    path = PACKAGE_WEIGHTS / f'{arch}.{tag}.safetensors'
+    return path if path.is_file() else None
+
+
+def shipped_weights_cfg(arch: str, tag: str = FASHION_MNIST_TAG) -> Dict[str, Any]:
+    """The pretrained-cfg fields of weights that ship in the package: the file, and the project's licence."""
+    return {'file': str(PACKAGE_WEIGHTS / f'{arch}.{tag}.safetensors'), 'license': 'apache-2.0'}
+
+
+def packaged_weights_record(path: Path) -> Dict[str, Any]:
+    """How shipped weights were trained and what they score (the ``.json`` beside the ``.safetensors``)."""
+    return json.loads(path.with_suffix('.json').read_text())

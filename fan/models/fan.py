@@ -26,6 +26,7 @@ from timm.models.xcit import conv3x3 as xcit_conv3x3
 from timm.models.xcit import checkpoint_filter_fn as xcit_checkpoint_filter_fn
 
 from ..layers import ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, map_to_tokens, tokens_to_map
+from ..data.fashion_mnist import MEAN as FASHION_MNIST_MEAN, STD as FASHION_MNIST_STD
 from ._checkpoint import check_keys, load_release_file, release_file_loading, unwrap_checkpoint
 
 __all__ = ['Fan', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add each entrypoint fn to this
@@ -64,10 +65,12 @@ class LegacyLayerNorm(LayerNorm):
 
 
 class HybridBackbone(nn.Module):
-    """The ConvNeXt stem of FAN-Hybrid: k4 s4 conv + LayerNorm2d, then two ConvNeXt stages (128 and 256 channels).
+    """The ConvNeXt stem of FAN-Hybrid: a k{s} s{s} conv + LayerNorm2d, then two ConvNeXt stages (the second one at
+    stride 2).
 
-    Image (B, 3, H, W) -> stage maps [(B, 128, H/4, W/4), (B, 256, H/8, W/8)]. The stages are timm's ConvNeXt
-    stages with Linear MLPs (``conv_mlp=False``); the released weights' 1x1-conv MLP weights are reshaped on load
+    Image (B, C, H, W) -> stage maps [(B, dims[0], H/s, W/s), (B, dims[1], H/2s, W/2s)] for the stem stride s (4 for
+    the released models, 2 for the micro model on 32 px images). The stages are timm's ConvNeXt stages with Linear
+    MLPs (``conv_mlp=False``); the released weights' 1x1-conv MLP weights are reshaped on load
     (``checkpoint_filter_fn``).
     """
 
@@ -76,6 +79,7 @@ class HybridBackbone(nn.Module):
             in_chans: int = 3,
             depths: Tuple[int, int] = (3, 3),
             dims: Tuple[int, int] = (128, 256),
+            stem_stride: int = 4,
             legacy_norm: bool = True,
             device=None,
             dtype=None,
@@ -84,7 +88,7 @@ class HybridBackbone(nn.Module):
         super().__init__()
         norm_layer, norm_layer_cl = (LegacyLayerNorm2d, LegacyLayerNorm) if legacy_norm else (LayerNorm2d, LayerNorm)
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4, **dd),
+            nn.Conv2d(in_chans, dims[0], kernel_size=stem_stride, stride=stem_stride, **dd),
             LayerNorm2d(dims[0], **dd),
         )
         self.stages = nn.Sequential(*[
@@ -93,7 +97,7 @@ class HybridBackbone(nn.Module):
                 conv_mlp=False, norm_layer=norm_layer, norm_layer_cl=norm_layer_cl, **dd)
             for i in range(len(depths))])
         self.feature_info = [
-            dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'patch_embed.backbone.stages.{i}')
+            dict(num_chs=dims[i], reduction=stem_stride * 2 ** i, module=f'patch_embed.backbone.stages.{i}')
             for i in range(len(depths))]
         self.apply(_init_convnext_weights)
 
@@ -113,20 +117,26 @@ def _init_convnext_weights(m: nn.Module) -> None:
 
 
 class HybridEmbed(nn.Module):
-    """ConvNeXt backbone + 2x2 stride-2 projection: image (B, 3, H, W) -> tokens (B, H/16 * W/16, D) and the grid."""
+    """ConvNeXt backbone + 2x2 stride-2 projection: image (B, C, H, W) -> tokens (B, H/p * W/p, D) and the grid, for
+    the patch size p (16; 8 or 4 for 28-32 px images): a stem of stride p / 4."""
 
     def __init__(
             self,
             in_chans: int,
             embed_dim: int,
             depths: Tuple[int, int] = (3, 3),
+            dims: Tuple[int, int] = (128, 256),
+            patch_size: int = 16,
             legacy_norm: bool = True,
             device=None,
             dtype=None,
     ) -> None:
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.backbone = HybridBackbone(in_chans, depths=depths, legacy_norm=legacy_norm, **dd)
+        if patch_size not in (4, 8, 16):
+            raise ValueError(f'patch_size must be 4, 8 or 16 for the hybrid stem, got {patch_size}')
+        self.backbone = HybridBackbone(
+            in_chans, depths=depths, dims=dims, stem_stride=patch_size // 4, legacy_norm=legacy_norm, **dd)
         self.proj = nn.Conv2d(self.backbone.feature_info[-1]['num_chs'], embed_dim, kernel_size=2, stride=2, **dd)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -202,6 +212,7 @@ class Fan(nn.Module):
             tokens_norm: bool = True,
             se_mlp: bool = False,
             hybrid_depths: Optional[Tuple[int, int]] = None,
+            hybrid_dims: Tuple[int, int] = (128, 256),
             legacy_norm: bool = True,
             head_init_scale: float = 1.,
             dynamic_img_pad: bool = False,
@@ -212,8 +223,7 @@ class Fan(nn.Module):
         Args:
             img_size: Input size the model is built for (int or (H, W)), a multiple of the stem stride unless
                 ``dynamic_img_pad``; any other such size also runs (the positional encoding is computed per input).
-            patch_size: Patch size of the conv stem (16, 8, or 4 for 28-32 px images); FAN-Hybrid always has
-                stride 16.
+            patch_size: Stride of the stem (conv or hybrid): 16, or 8 or 4 for 28-32 px images.
             in_chans: Number of image channels.
             num_classes: Number of classes of the head (0 for no head).
             global_pool: Pooling for the head: 'token' (class token), 'avg' (mean of patch tokens) or ''.
@@ -235,6 +245,7 @@ class Fan(nn.Module):
             tokens_norm: Class attention normalises all tokens, not only the class token.
             se_mlp: Use the squeeze-excite MLP of the paper's ablation instead of the channel attention.
             hybrid_depths: Depths of the two ConvNeXt stages of a FAN-Hybrid stem (None: the conv stem of FAN-ViT).
+            hybrid_dims: Widths of the two ConvNeXt stages of a FAN-Hybrid stem.
             legacy_norm: Hybrid only: unbiased-variance ConvNeXt norms, as the released hybrid weights need.
             head_init_scale: Scale of the initial head weights and bias.
             dynamic_img_pad: Pad inputs whose size is not a multiple of the stem stride (bottom and right, with
@@ -260,8 +271,10 @@ class Fan(nn.Module):
         self.img_size = to_2tuple(img_size)
 
         if hybrid_depths is not None:
-            self.patch_embed = HybridEmbed(in_chans, dims[0], depths=hybrid_depths, legacy_norm=legacy_norm, **dd)
-            self.patch_size = 16
+            self.patch_embed = HybridEmbed(
+                in_chans, dims[0], depths=hybrid_depths, dims=hybrid_dims, patch_size=patch_size,
+                legacy_norm=legacy_norm, **dd)
+            self.patch_size = patch_size
             stem_info = self.patch_embed.backbone.feature_info
         else:
             self.patch_embed = conv_stem(patch_size, in_chans, dims[0], act_layer, **dd)
@@ -534,9 +547,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: Fan) -> Dict[str, to
 
 
 def _create_fan(variant: str, pretrained: bool = False, **kwargs) -> Fan:
-    # features_only: the last 3 blocks of FAN-ViT; the stride 4 / 8 / 16 maps of FAN-Hybrid
+    # features_only: the last 3 blocks of FAN-ViT (2 for a 2-block model); the stride 4 / 8 / 16 maps of FAN-Hybrid
     hybrid = kwargs.get('hybrid_depths') is not None
-    out_indices = kwargs.pop('out_indices', (0, 1, -1) if hybrid else 3)
+    depth = kwargs.get('depth', 12)
+    num_blocks = depth if isinstance(depth, int) else sum(depth)
+    out_indices = kwargs.pop('out_indices', (0, 1, -1) if hybrid else min(3, num_blocks))
     return build_model_with_cfg(
         Fan,
         variant,
@@ -568,6 +583,13 @@ def _cfg(file: str = '', **kwargs) -> Dict[str, Any]:
 
 _hybrid_cfg = partial(_cfg, first_conv='patch_embed.backbone.stem.0')
 
+
+def _micro_cfg(**kwargs) -> Dict[str, Any]:
+    """The micro models: 28 x 28 greyscale images in 10 classes (Fashion-MNIST), normalised with its statistics."""
+    return _cfg(**{'num_classes': 10, 'input_size': (1, 28, 28), 'interpolation': 'bilinear',
+                   'mean': FASHION_MNIST_MEAN, 'std': FASHION_MNIST_STD, **kwargs})
+
+
 default_cfgs = generate_default_cfgs({
     # FAN-ViT
     'fan_tiny_12_p16_224.nv_in1k': _cfg('fan_vit_tiny.pth.tar'),
@@ -589,6 +611,10 @@ default_cfgs = generate_default_cfgs({
         'fan_hybrid_large_in22k_1k_384.pth.tar', input_size=(3, 384, 384)),
     'fan_large_16_p4_hybrid.nv_in22k': _hybrid_cfg('fan_hybrid_large_in22k.pth.tar', num_classes=19167),
     'fan_xlarge_16_p4_hybrid': _hybrid_cfg(),
+
+    # micro models for 28 px greyscale images
+    'fan_micro_2_p4_28': _micro_cfg(),
+    'fan_micro_3_p8_hybrid_32': _micro_cfg(input_size=(1, 32, 32), first_conv='patch_embed.backbone.stem.0'),
 })
 
 
@@ -650,6 +676,23 @@ def fan_large_16_p4_hybrid(pretrained: bool = False, **kwargs) -> Fan:
 def fan_xlarge_16_p4_hybrid(pretrained: bool = False, **kwargs) -> Fan:
     model_args = dict(embed_dim=(528, 768), depth=(20, 3), num_heads=(11, 16), hybrid_depths=(3, 7))
     return _create_fan('fan_xlarge_16_p4_hybrid', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_micro_2_p4_28(pretrained: bool = False, **kwargs) -> Fan:
+    """FAN-ViT for 28 px greyscale images (Fashion-MNIST): patch-4 conv stem (7 x 7 tokens), 2 FAN blocks of width
+    128."""
+    model_args = dict(img_size=28, in_chans=1, num_classes=10, patch_size=4, embed_dim=128, depth=2, num_heads=4)
+    return _create_fan('fan_micro_2_p4_28', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_micro_3_p8_hybrid_32(pretrained: bool = False, **kwargs) -> Fan:
+    """FAN-Hybrid for 28-32 px greyscale images (Fashion-MNIST, resized to 32): a ConvNeXt block at 16 x 16 (48
+    channels) and one at 8 x 8 (96), then 3 FAN blocks of width 128 on 4 x 4 tokens."""
+    model_args = dict(img_size=32, in_chans=1, num_classes=10, patch_size=8, embed_dim=128, depth=3, num_heads=4,
+                      hybrid_depths=(1, 1), hybrid_dims=(48, 96), legacy_norm=False)
+    return _create_fan('fan_micro_3_p8_hybrid_32', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 register_model_deprecations(__name__, {

@@ -24,6 +24,7 @@ from timm.models.swin_transformer import (
 )
 
 from ..layers import ChannelAttention
+from ..data.fashion_mnist import MEAN as FASHION_MNIST_MEAN, STD as FASHION_MNIST_STD
 from ._checkpoint import check_keys, load_release_file, release_file_loading, unwrap_checkpoint
 
 # model_registry will add each entrypoint fn to this
@@ -101,7 +102,7 @@ class FanSwin(SwinTransformer):
     ) -> None:
         """
         Args:
-            img_size: Input size, a multiple of 32 (int or (H, W)).
+            img_size: Input size, a multiple of the last stage's stride (32 for four stages; int or (H, W)).
             in_chans: Number of image channels.
             num_classes: Number of classes of the head (0 for no head).
             global_pool: Pooling for the head ('avg' or '').
@@ -123,8 +124,10 @@ class FanSwin(SwinTransformer):
             norm_layer: Norm layer.
         """
         img_size = to_2tuple(img_size)
-        if img_size[0] % 32 or img_size[1] % 32:
-            raise ValueError(f'FAN-Swin needs an img_size that is a multiple of 32, got {img_size}')
+        stride = 4 * 2 ** (len(depths) - 1)
+        if img_size[0] % stride or img_size[1] % stride:
+            raise ValueError(f'FAN-Swin with {len(depths)} stages needs an img_size that is a multiple of {stride}, '
+                             f'got {img_size}')
         if not len(depths) == len(num_heads) == len(channel_attn):
             raise ValueError('depths, num_heads and channel_attn need one value per stage')
         # timm builds patch embedding, patch merging, norm and head; the blocks are added below
@@ -176,7 +179,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: FanSwin) -> Dict[str
 
 
 def _create_fan_swin(variant: str, pretrained: bool = False, **kwargs) -> FanSwin:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 6, 2))))))
     return build_model_with_cfg(
         FanSwin,
         variant,
@@ -206,6 +209,9 @@ default_cfgs = generate_default_cfgs({
     'fan_swin_small_patch4_window7_224': _cfg(),
     'fan_swin_base_patch4_window7_224': _cfg(),
     'fan_swin_large_patch4_window7_224': _cfg(),
+    'fan_swin_micro_patch4_window4_32': _cfg(
+        num_classes=10, input_size=(1, 32, 32), pool_size=(4, 4), crop_pct=1.0, interpolation='bilinear',
+        mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD),
 })
 
 
@@ -231,3 +237,12 @@ def fan_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> FanS
 def fan_swin_large_patch4_window7_224(pretrained: bool = False, **kwargs) -> FanSwin:
     model_args = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
     return _create_fan_swin('fan_swin_large_patch4_window7_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def fan_swin_micro_patch4_window4_32(pretrained: bool = False, **kwargs) -> FanSwin:
+    """FAN-Swin for 28-32 px greyscale images (Fashion-MNIST, resized to 32): two stages (8 x 8 and 4 x 4 maps, window
+    4), FAN channel attention in the first."""
+    model_args = dict(img_size=32, in_chans=1, num_classes=10, embed_dim=96, depths=(2, 2), num_heads=(3, 6),
+                      channel_attn=(True, False), window_size=4)
+    return _create_fan_swin('fan_swin_micro_patch4_window4_32', pretrained=pretrained, **dict(model_args, **kwargs))

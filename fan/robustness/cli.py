@@ -6,8 +6,8 @@ from typing import List, Optional
 
 from ..errors import UserError
 from ..options import (add_data_option, add_model_options, add_out_option, add_run_options, default_workers,
-                       finite_float, non_negative_int, nonzero_float, positive_float, positive_int)
-from .driver import DATASETS, run_classification, run_imagenet_c
+                       finite_float, non_negative_int, nonzero_float, positive_float)
+from .driver import DATASETS, FASHION_MNIST, results_path, run_classification, run_imagenet_c
 from .corrupt import make_imagenet_c
 from .evaluate import PROTOCOLS, ModelSpec
 from .metrics import ALL_CORRUPTIONS, SEVERITIES
@@ -53,7 +53,7 @@ def _eval(args: argparse.Namespace) -> int:
     if _is_main_process():
         print(f'{args.model} on {args.dataset} ({results["images"]} images, {results["classes"]} classes, '
               f'{results["skipped_images"]} unreadable skipped): top-1 {results["top1"]:.2f} %, '
-              f'top-5 {results["top5"]:.2f} %; written: {args.out / (args.dataset + ".json")}')
+              f'top-5 {results["top5"]:.2f} %; written: {results_path(args.out, args.dataset)}')
     return 0
 
 
@@ -64,6 +64,8 @@ def _make_c(args: argparse.Namespace) -> int:
           f'already there, {len(manifest["failed"])} images failed')
     for message in manifest['failed']:
         print(f'  failed: {message}')
+    for corruption, reason in manifest['not_applicable'].items():
+        print(f'  not made: {reason}')
     if manifest['failed'] and len(manifest['failed']) == manifest['images']:
         raise UserError(f'no image in {args.data} could be read or corrupted ({args.out / "make_c.json"} lists '
                         f'each failure)')
@@ -98,13 +100,16 @@ def add_commands(subparsers) -> None:
     parser.set_defaults(func=_eval_c)
 
     parser = subparsers.add_parser(
-        'eval', help='top-1/top-5 on ImageNet, ImageNet-A or ImageNet-R (200-class logit masks)',
-        description='Evaluate any timm model on DATA/<wnid>/<image>; writes OUT/<dataset>.json. Works under torchrun.')
+        'eval', help='top-1/top-5 on ImageNet, ImageNet-A or ImageNet-R (200-class logit masks), or Fashion-MNIST',
+        description='Evaluate any timm model on DATA/<wnid>/<image>, or on the Fashion-MNIST test set; writes '
+                    'OUT/<dataset>.json. Works under torchrun.')
     add_model_options(parser, num_classes=False)
-    add_data_option(parser, 'folder of <wnid>/ class folders (e.g. ImageNet val)')
+    add_data_option(parser, f'folder of <wnid>/ class folders (e.g. ImageNet val); for {FASHION_MNIST}, its IDX '
+                    'files (default: Debian\'s dataset-fashion-mnist)', required=False)
     parser.add_argument('--dataset', choices=DATASETS, default='imagenet',
                         help='which labels compete: imagenet (all 1000), or the 200 classes of imagenet-a / '
-                             'imagenet-r (default: %(default)s)')
+                             f'imagenet-r; {FASHION_MNIST}: the 10,000 Fashion-MNIST test images, 10 classes '
+                             '(default: %(default)s)')
     _add_preprocessing_options(parser)
     add_out_option(parser, 'eval-out')
     add_run_options(parser, seed=None)
@@ -116,7 +121,7 @@ def add_commands(subparsers) -> None:
                     'reproducible from --seed; existing files are kept unless --force.')
     add_data_option(parser, 'image folder (searched recursively)')
     add_out_option(parser, 'imagenet-c')
-    parser.add_argument('--size', type=positive_int, default=224,
+    parser.add_argument('--size', type=non_negative_int, default=224,
                         help='resize to size*256/224 and centre-crop size x size as ImageNet-C did; 0 keeps the '
                              'original size (default: %(default)s)')
     parser.add_argument('-j', '--workers', type=non_negative_int, default=default_workers(), metavar='N',

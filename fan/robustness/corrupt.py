@@ -35,11 +35,12 @@ from .metrics import ALL_CORRUPTIONS, SEVERITIES
 from ..errors import MissingPathError, UserError, require_extra
 from ..io import write_atomic, write_json
 
-__all__ = ['cell_seed', 'corrupt_image', 'imagenet_c_crop', 'make_imagenet_c', 'MANIFEST_NAME']
+__all__ = ['CorruptionNotApplicable', 'cell_seed', 'corrupt_image', 'imagenet_c_crop', 'make_imagenet_c',
+           'MANIFEST_NAME']
 
 JPEG_QUALITY = 85  # what ImageNet-C was saved with (PIL, optimize=True)
 RESIZE_RATIO = 256 / 224  # ImageNet-C: Resize(256) then CenterCrop(224)
-MIN_SIDE = 32  # imagecorruptions rejects smaller images
+MIN_SIDE = 32  # imagecorruptions refuses smaller images (corrupt_image calls its functions directly for them)
 MANIFEST_NAME = 'make_c.json'
 _SEED_ARGUMENT = ('impulse_noise', 'glass_blur')  # the two corruptions that ignore numpy's global seed
 
@@ -50,17 +51,35 @@ def cell_seed(seed: int, corruption: str, severity: int, relative_path: str) -> 
     return int.from_bytes(hashlib.sha256(key).digest()[:4], 'little')
 
 
+class CorruptionNotApplicable(UserError):
+    """A corruption that cannot be applied to an image of this size (it fails, or changes the image's shape)."""
+
+
 def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
-    """Corrupt an H x W x 3 uint8 image (H, W >= 32); the same seed gives the same output."""
+    """Corrupt an H x W x 3 uint8 image; the same seed gives the same output.
+
+    The package refuses images under 32 px; smaller ones (Fashion-MNIST's 28 px) go to the corruption function
+    directly, and a corruption that fails on them or changes their shape raises :class:`CorruptionNotApplicable`.
+    """
     # imported here: it loads numba, cv2 and skimage (slow), and comes with the robustness extra
-    corrupt = require_extra('imagecorruptions', 'robustness').corrupt
+    package = require_extra('imagecorruptions', 'robustness')
     if corruption not in ALL_CORRUPTIONS:
         raise UserError(f'unknown corruption {corruption!r}; known: {list(ALL_CORRUPTIONS)}')
     kwargs = {'seed': seed} if corruption in _SEED_ARGUMENT else {}
     state = np.random.get_state()
     np.random.seed(seed)
     try:
-        return corrupt(image, corruption_name=corruption, severity=severity, **kwargs)
+        if min(image.shape[:2]) >= MIN_SIDE:
+            return package.corrupt(image, corruption_name=corruption, severity=severity, **kwargs)
+        try:
+            corrupted = np.uint8(package.corruption_dict[corruption](Image.fromarray(image), severity, **kwargs))
+        except Exception as error:  # the package's functions assume >= 32 px; any failure below that is the size
+            raise CorruptionNotApplicable(
+                f'{corruption} cannot apply at {image.shape[1]}x{image.shape[0]} px: {error}') from None
+        if corrupted.shape != image.shape:
+            raise CorruptionNotApplicable(f'{corruption} changes a {image.shape[1]}x{image.shape[0]} px image to '
+                                          f'{corrupted.shape[1]}x{corrupted.shape[0]}')
+        return corrupted
     finally:
         np.random.set_state(state)
 
@@ -82,28 +101,36 @@ class _ImageJob:
     force: bool
 
 
-def _corrupt_one_image(job: _ImageJob) -> Tuple[int, int, Optional[str]]:
-    """Write every cell of one image; returns (files written, files already there, error or None)."""
+def _corrupt_one_image(job: _ImageJob) -> Tuple[int, int, Optional[str], Dict[str, str]]:
+    """Write every cell of one image; returns (files written, files already there, error or None, the corruptions
+    that cannot apply at this image's size with the reason)."""
     targets = [(c, s, job.dst / c / str(s) / job.relative) for c in job.corruptions for s in job.severities]
     todo = [t for t in targets if job.force or not t[2].exists()]
     if not todo:
-        return 0, len(targets), None
+        return 0, len(targets), None, {}
     try:
         image = load_rgb(job.source)
     except OSError as error:
-        return 0, 0, str(error)
+        return 0, 0, str(error), {}
     if job.size:
         image = imagenet_c_crop(image, job.size)
-    if min(image.size) < MIN_SIDE:
-        return 0, 0, f'{job.source}: {image.size[0]}x{image.size[1]} is smaller than {MIN_SIDE} px'
     pixels = np.asarray(image)
+    not_applicable: Dict[str, str] = {}
+    written = 0
     for corruption, severity, target in todo:
-        corrupted = corrupt_image(pixels, corruption, severity, cell_seed(job.seed, corruption, severity,
-                                                                           job.relative))
+        if corruption in not_applicable:
+            continue
+        try:
+            corrupted = corrupt_image(pixels, corruption, severity, cell_seed(job.seed, corruption, severity,
+                                                                               job.relative))
+        except CorruptionNotApplicable as error:
+            not_applicable[corruption] = str(error)
+            continue
         encoded = io.BytesIO()
         Image.fromarray(corrupted).save(encoded, format='JPEG', quality=JPEG_QUALITY, optimize=True)
         write_atomic(target, encoded.getvalue())  # an interrupted run leaves no half-written JPEG
-    return len(todo), len(targets) - len(todo), None
+        written += 1
+    return written, len(targets) - len(todo), None, not_applicable
 
 
 def _end_with_parent() -> None:
@@ -160,13 +187,16 @@ def make_imagenet_c(
         corrupt_image(np.zeros((MIN_SIDE, MIN_SIDE, 3), np.uint8), 'glass_blur', 1, seed=0)
     written = kept = 0
     failed: List[str] = []
+    not_applicable: Dict[str, str] = {}  # corruption -> why (the first image it failed on)
     pool_kwargs = dict(max_workers=workers, initializer=_end_with_parent)
     with ProcessPoolExecutor(**pool_kwargs) if workers > 1 else nullcontext() as pool:
         outcomes = pool.map(_corrupt_one_image, jobs, chunksize=4) if pool else map(_corrupt_one_image, jobs)
-        for n_written, n_kept, error in tqdm(outcomes, total=len(jobs), desc='make-c', unit='img'):
+        for n_written, n_kept, error, skipped in tqdm(outcomes, total=len(jobs), desc='make-c', unit='img'):
             written, kept = written + n_written, kept + n_kept
             if error:
                 failed.append(error)
+            for corruption, reason in skipped.items():
+                not_applicable.setdefault(corruption, reason)
     manifest = dict(
         source=str(src.resolve()),
         generator=f'imagecorruptions-imaug {version("imagecorruptions-imaug")} (generated, not the released '
@@ -180,6 +210,7 @@ def make_imagenet_c(
         files_written=written,
         files_kept=kept,
         failed=failed,
+        not_applicable=not_applicable,
     )
     write_json(manifest_path, manifest)
     return manifest

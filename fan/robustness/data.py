@@ -28,8 +28,9 @@ _SUBSET_INDEX_FILES = {
 }
 @dataclass(frozen=True)
 class LabelledImage:
-    path: Path
-    label: int  # ImageNet-1k class index
+    path: Path  # the file (or, for an image held in memory, a name for messages)
+    label: int  # class index (ImageNet-1k for ImageNet folders)
+    image: Optional[Image.Image] = None  # the decoded image, for datasets read into memory (Fashion-MNIST)
 
 
 def imagenet_wnid_to_index() -> Dict[str, int]:
@@ -123,7 +124,7 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 class LabelledImageDataset(Dataset):
-    """Items (transformed image, e.g. a C x H x W tensor, or None if unreadable; ImageNet-1k label; error message)."""
+    """Items (transformed image, e.g. a C x H x W tensor, or None if unreadable; class index; error message)."""
 
     def __init__(self, items: Sequence[LabelledImage], transform: Callable[[Image.Image], torch.Tensor]):
         self.items = list(items)
@@ -135,6 +136,6 @@ class LabelledImageDataset(Dataset):
     def __getitem__(self, index: int) -> Tuple[Optional[torch.Tensor], int, str]:
         item = self.items[index]
         try:
-            return self.transform(load_rgb(item.path)), item.label, ''
+            return self.transform(item.image if item.image is not None else load_rgb(item.path)), item.label, ''
         except OSError as error:
             return None, item.label, str(error)

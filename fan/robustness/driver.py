@@ -3,9 +3,9 @@
 Both run unchanged on one process or under ``torchrun --nproc_per_node N``; only rank 0 writes files.
 """
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from .data import find_imagenet_c_cells, imagenet_subset_indices, list_class_folders
+from .data import LabelledImage, find_imagenet_c_cells, imagenet_subset_indices, list_class_folders
 from ..distributed import distributed_context
 from .evaluate import CellCounts, ModelSpec, evaluate_cells
 from .metrics import EXTRA_CORRUPTIONS, SEVERITIES, STANDARD_CORRUPTIONS
@@ -14,9 +14,10 @@ from .results import CLEAN, build_imagenet_c_results, cell_name, load_finished_c
 from ..errors import MissingPathError, UserError
 from ..io import write_atomic, write_json
 
-__all__ = ['DATASETS', 'run_imagenet_c', 'run_classification']
+__all__ = ['DATASETS', 'FASHION_MNIST', 'run_imagenet_c', 'run_classification', 'results_path']
 
-DATASETS = ('imagenet', 'imagenet-a', 'imagenet-r')
+FASHION_MNIST = 'torch/fashion_mnist'  # its 10,000 test images, read by timm's torch/fashion_mnist
+DATASETS = ('imagenet', 'imagenet-a', 'imagenet-r', FASHION_MNIST)
 
 
 def run_imagenet_c(
@@ -93,28 +94,47 @@ def run_imagenet_c(
     return results
 
 
+def _fashion_mnist_test_items(data: Optional[Path]) -> Tuple[List[LabelledImage], str]:
+    """The Fashion-MNIST test set as in-memory items (greyscale PIL images) and the folder it was read from."""
+    from PIL import Image
+
+    from ..data.fashion_mnist import fashion_mnist_root, load_fashion_mnist
+
+    dataset = load_fashion_mnist(data)
+    items = [LabelledImage(Path(f'{FASHION_MNIST}/test/{index}'), int(label), Image.fromarray(image.numpy(), 'L'))
+             for index, (image, label) in enumerate(zip(dataset.test_images, dataset.test_labels))]
+    return items, str(fashion_mnist_root(data).resolve())
+
+
 def run_classification(
         model_spec: ModelSpec,
         dataset: str,
-        data: Path,
+        data: Optional[Path],
         out: Optional[Path] = None,
         batch_size: int = 64,
         workers: int = 4,
         device: str = 'auto',
         precision: str = 'fp32',
 ) -> Dict:
-    """Top-1/top-5 accuracy on an ImageNet-style folder ``data/<wnid>/*``.
+    """Top-1/top-5 accuracy on an ImageNet-style folder ``data/<wnid>/*``, or on Fashion-MNIST's test set
+    (``torch/fashion_mnist``: ``data`` holds its IDX files, or None for Debian's package; 10 classes).
 
     For 'imagenet-a' and 'imagenet-r' only the logits of their 200 classes compete (the official masks).
-    Returns (and writes to the folder ``out`` as ``<dataset>.json``, if given) a document with ``top1``, ``top5``
-    (percent) and counts.
+    Returns (and writes to the folder ``out`` as ``<dataset>.json``, '/' as '_', if given) a document with ``top1``,
+    ``top5`` (percent) and counts.
     """
     if dataset not in DATASETS:
         raise UserError(f'unknown dataset {dataset!r}; choose from {DATASETS}')
-    class_subset = imagenet_subset_indices(dataset) if dataset != 'imagenet' else None
+    if data is None and dataset != FASHION_MNIST:
+        raise UserError(f'{dataset} needs --data (a folder of <wnid>/ class folders)')
+    class_subset = imagenet_subset_indices(dataset) if dataset in ('imagenet-a', 'imagenet-r') else None
     with distributed_context(device) as context:
-        model, data_config, transform = model_spec.build(context.device)
-        items = list_class_folders(data, allowed_labels=class_subset)
+        if dataset == FASHION_MNIST:
+            items, data = _fashion_mnist_test_items(data)
+            model, data_config, transform = model_spec.build(context.device, num_classes=10)
+        else:
+            model, data_config, transform = model_spec.build(context.device)
+            items = list_class_folders(data, allowed_labels=class_subset)
         finished: Dict[str, CellCounts] = {}
         data_wait = evaluate_cells(model, transform, {dataset: items}, context, finished.__setitem__,
                                    batch_size=batch_size, workers=workers, precision=precision,
@@ -136,6 +156,11 @@ def run_classification(
         )
         if context.is_main:
             if out is not None:
-                write_json(Path(out) / f'{dataset}.json', results)
+                write_json(results_path(out, dataset), results)
             print(f'data loader wait: {100 * data_wait:.0f} % of rank-0 evaluation time')
     return results
+
+
+def results_path(out: Path, dataset: str) -> Path:
+    """Where ``fan eval`` writes a dataset's results: ``out/<dataset>.json`` ('/' as '_')."""
+    return Path(out) / f'{dataset.replace("/", "_")}.json'

@@ -17,11 +17,13 @@ from PIL import Image
 from timm.data import create_transform
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.transforms import Compose
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from ..errors import UserError
 from ..factory import create_model, resolve_data_config
+from ..io import ImageMode
 from ..distributed import DistributedContext
 from ..options import autocast
 from .data import LabelledImage, LabelledImageDataset
@@ -82,16 +84,17 @@ class ModelSpec:
     protocol: str = 'resize-crop'
     optimize: bool = True  # fan.optimize on the CPU
 
-    def build(self, device: torch.device) -> Tuple[torch.nn.Module, Dict, Callable]:
+    def build(self, device: torch.device, num_classes: int = 1000) -> Tuple[torch.nn.Module, Dict, Callable]:
         """The model in eval mode on ``device`` (taking uint8 images), its data config, and the eval transform
-        (PIL image -> uint8 tensor C x H x W)."""
+        (PIL image in any mode -> uint8 tensor C x H x W, greyscale for a 1-channel model). The model must have
+        ``num_classes`` outputs."""
         if self.protocol not in PROTOCOLS:
             raise UserError(f'unknown protocol {self.protocol!r}; choose from {", ".join(PROTOCOLS)}')
         model = create_model(self.name, pretrained=self.pretrained, checkpoint=self.checkpoint,
                              use_ema=self.use_ema, img_size=self.img_size,
                              optimize=self.optimize and device.type == 'cpu')
-        if model.num_classes != 1000:
-            raise UserError(f'{self.name} has {model.num_classes} outputs; ImageNet evaluation needs 1000')
+        if model.num_classes != num_classes:
+            raise UserError(f'{self.name} has {model.num_classes} outputs; this dataset needs {num_classes}')
         data_config = resolve_data_config(model, crop_pct=self.crop_pct, interpolation=self.interpolation,
                                           mean=self.mean, std=self.std)
         # uint8 tensors leave the loader workers and are normalised on the device, like timm's prefetcher:
@@ -99,6 +102,7 @@ class ModelSpec:
         transform = create_transform(**data_config, is_training=False, use_prefetcher=True)
         if self.protocol == 'as-stored':
             transform = AsStoredOrResized(data_config['input_size'][1:], transform)
+        transform = Compose([ImageMode.for_channels(data_config['input_size'][0]), transform])
         model = nn.Sequential(NormalizeUint8(data_config['mean'], data_config['std']), model)
         return model.eval().to(device), data_config, transform
 

@@ -8,6 +8,8 @@ Conventions: every error and accuracy here is a top-1 **percentage** in [0, 100]
 * mCE = mean of CE_c over the 15 standard corruptions (the 4 extras have no AlexNet constant); AlexNet = 100.
 * relative CE_c = sum_s (E_{s,c} - E_clean) / (5 * (mean-AlexNet-error_c - AlexNet clean error)); relative mCE
   is its mean over the 15.
+* Another dataset normalises by a model of its own instead of AlexNet (``reference_errors``: Fashion-MNIST-C by a
+  ConvNet): CE_c = sum_s E_{s,c} / sum_s E^ref_{s,c}, and the relative CE with the reference's clean error.
 * mean accuracy = mean top-1 accuracy over every evaluated cell (FAN's "IN-C" number; which corruptions went in
   decides its value), retention = mean accuracy / clean accuracy.
 """
@@ -48,12 +50,17 @@ def _mean(values: List[float]) -> float:
 def summarize_corruption_errors(
         errors: Mapping[str, Mapping[int, float]],
         clean_error: Optional[float] = None,
+        reference_errors: Optional[Mapping[str, Mapping[int, float]]] = None,
+        reference_clean_error: Optional[float] = None,
 ) -> Dict:
     """Aggregate per-cell top-1 errors into CE, mCE, relative mCE, mean accuracy and retention.
 
     Args:
         errors: top-1 error in percent per corruption name, per severity (1-5); only evaluated cells.
         clean_error: top-1 error in percent on the clean images, if they were evaluated.
+        reference_errors: the normalising model's errors in the same form, instead of AlexNet's published ones
+            (another dataset: Fashion-MNIST-C normalised by a ConvNet); CE_c = sum_s E_s / sum_s E_s(reference).
+        reference_clean_error: the normalising model's clean error, for the relative CE with ``reference_errors``.
 
     Returns:
         A dict with ``ce`` and ``relative_ce`` ({corruption: percent}, standard corruptions with all five
@@ -68,15 +75,23 @@ def summarize_corruption_errors(
     incomplete: Dict[str, str] = {}
     complete = [c for c in ALL_CORRUPTIONS if c in errors and set(errors[c]) == set(SEVERITIES)]
 
+    if reference_errors is None:
+        reference_mean, reference_clean = ALEXNET_ERROR, ALEXNET_CLEAN_ERROR
+    else:
+        reference_mean = {c: _mean([reference_errors[c][s] for s in SEVERITIES]) for c in reference_errors
+                          if set(reference_errors[c]) == set(SEVERITIES)}
+        reference_clean = reference_clean_error
+        complete = [c for c in complete if c in reference_mean]
     ce, relative_ce = {}, {}
     for corruption in STANDARD_CORRUPTIONS:
         if corruption not in complete:
             continue
         mean_error = _mean([errors[corruption][s] for s in SEVERITIES])
-        ce[corruption] = 100.0 * mean_error / ALEXNET_ERROR[corruption]
-        if clean_error is not None:
+        if reference_mean[corruption] > 0:  # (a reference model may make no error on a corruption)
+            ce[corruption] = 100.0 * mean_error / reference_mean[corruption]
+        if clean_error is not None and reference_clean is not None and reference_mean[corruption] != reference_clean:
             relative_ce[corruption] = 100.0 * (mean_error - clean_error) / (
-                ALEXNET_ERROR[corruption] - ALEXNET_CLEAN_ERROR)
+                reference_mean[corruption] - reference_clean)
 
     missing_standard = [c for c in STANDARD_CORRUPTIONS if c not in complete]
     mce = relative_mce = None
@@ -85,9 +100,16 @@ def summarize_corruption_errors(
             ', '.join(missing_standard)
         incomplete['relative_mce'] = incomplete['mce']
     else:
-        mce = _mean(list(ce.values()))
-        if clean_error is None:
+        if len(ce) < len(STANDARD_CORRUPTIONS):
+            incomplete['mce'] = 'the reference model makes no error on: ' + ', '.join(
+                c for c in STANDARD_CORRUPTIONS if c not in ce)
+        else:
+            mce = _mean(list(ce.values()))
+        if clean_error is None or reference_clean is None:
             incomplete['relative_mce'] = 'needs the clean error (--clean DIR)'
+        elif len(relative_ce) < len(STANDARD_CORRUPTIONS):
+            incomplete['relative_mce'] = 'the reference model loses no accuracy to: ' + ', '.join(
+                c for c in STANDARD_CORRUPTIONS if c not in relative_ce)
         else:
             relative_mce = _mean(list(relative_ce.values()))
 

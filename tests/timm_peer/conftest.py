@@ -4,7 +4,8 @@ While timm's test module is imported (its parametrisations call ``timm.list_mode
 ``list_models`` returns FAN models only, and the FAN models with token outputs join timm's non-standard family
 wherever timm names ``xcit_*``; our model modules join timm's list of modules with ``forward_intermediates``.
 Tests that do not run on a FAN model (timm's checks of specific timm models) are deselected, and so are the
-tests that download pretrained weights (no test fetches weights).
+tests that download pretrained weights (no test fetches weights), and timm's feature tests, which want at least 3
+feature levels, on the two micro models that have two.
 
 Time budget: every test runs on every model of up to 30 M parameters (the tiny and small variant of each family);
 the bigger models (same code, more or wider blocks) get the forward, config and feature tests, while the slow
@@ -34,6 +35,11 @@ SLOW_TESTS = ('test_model_backward', 'test_model_forward_torchscript', 'test_mod
               'test_model_backward_fx', 'test_model_forward_fx_torchscript',
               'test_prune_intermediate_layers_contract')  # 10-35 s per big model on 2 cores
 SMALL_PARAMS = 30e6
+# timm's feature tests assert at least 3 feature levels ("all models here should have at least 3"); the two-block
+# micro FAN-ViT and the two-stage micro FAN-Swin for 28-32 px images have two (tests/test_fan_models.py checks their
+# feature maps and intermediates)
+FEATURE_LEVEL_TESTS = ('test_model_forward_features', 'test_model_forward_intermediates')
+TWO_LEVEL_MODELS = ('fan_micro_2_p4_28', 'fan_swin_micro_patch4_window4_32')
 
 
 @lru_cache(maxsize=None)
@@ -85,7 +91,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item
         model = str(callspec.params.get('model_name', '')).split('.')[0] if callspec is not None else ''
         is_peer = item.path.name == 'test_models.py' and item.path.parent.name == '_timm'
         wanted = (model in FAN_MODELS and item.originalname not in DOWNLOADING_TESTS
-                  and (run_all or item.originalname not in SLOW_TESTS or _is_small(model)))
+                  and (run_all or item.originalname not in SLOW_TESTS or _is_small(model))
+                  and not (item.originalname in FEATURE_LEVEL_TESTS and model in TWO_LEVEL_MODELS))
         (drop if is_peer and not wanted else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
