@@ -99,11 +99,14 @@ def _head_size(state_dict: Dict[str, torch.Tensor], classifier: Optional[str]) -
     return None
 
 
-def _official_file(name: str) -> Path:
-    """Download (once, into timm's cache) the release file of a FAN pretrained tag."""
+def _released_file(name: str) -> Path:
+    """The weights file of a FAN pretrained tag: the one that ships in the package, or the official release file
+    (downloaded once, into timm's cache)."""
     from timm.models._hub import download_cached_file
 
     cfg = timm.get_pretrained_cfg(name)
+    if cfg is not None and cfg.file:
+        return Path(cfg.file)
     if cfg is None or not cfg.url:
         raise UserError(f'{name} has no released weights (`fan list` shows the tags that have)')
     try:
@@ -150,7 +153,7 @@ def create_model(
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
     if pretrained and family_of(name) is not None:
-        checkpoint = _official_file(name)  # FAN release files go through the same loading as local files
+        checkpoint = _released_file(name)  # FAN release files go through the same loading as local files
     elif pretrained and use_ema:
         raise UserError(f'EMA weights can be chosen for FAN release files and checkpoint files, not for {name}')
 

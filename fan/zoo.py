@@ -193,6 +193,8 @@ def _predict(args: argparse.Namespace) -> int:
         names, images, labels = [p.name for p in photos], [p.image for p in photos], [p.label for p in photos]
     fashion_mnist = getattr(model, 'pretrained_cfg', {}).get('tag') == FASHION_MNIST_TAG
     class_names = FASHION_MNIST_CLASSES if fashion_mnist else None
+    if fashion_mnist:
+        labels = None  # (the bundled photos' labels are ImageNet classes)
     rows = []
     for start in range(0, len(images), args.batch_size):
         probs, indices = classify(model, images[start:start + args.batch_size], args.top_k, args.precision)

@@ -175,7 +175,7 @@ def test_every_entry_point_loads_the_state_dict_of_a_release_file(tmp_path, monk
     downloads = []
     monkeypatch.setattr(timm.models._builder, 'download_cached_file',
                         lambda url, **kwargs: downloads.append(url) or str(path))
-    monkeypatch.setattr('fan.factory._official_file', lambda tag: downloads.append(tag) or path)
+    monkeypatch.setattr('fan.factory._released_file', lambda tag: downloads.append(tag) or path)
     x = recipe.golden_input(data['input']['shape'], data['input']['seed'])
     expected = torch.tensor(data['logits'])
     models = {

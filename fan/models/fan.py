@@ -27,7 +27,7 @@ from timm.models.xcit import checkpoint_filter_fn as xcit_checkpoint_filter_fn
 
 from ..layers import ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, map_to_tokens, tokens_to_map
 from ..data.fashion_mnist import MEAN as FASHION_MNIST_MEAN, STD as FASHION_MNIST_STD
-from ._checkpoint import check_keys, load_release_file, release_file_loading, unwrap_checkpoint
+from ._checkpoint import check_keys, load_release_file, release_file_loading, shipped_weights_cfg, unwrap_checkpoint
 
 __all__ = ['Fan', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add each entrypoint fn to this
 
@@ -586,8 +586,8 @@ _hybrid_cfg = partial(_cfg, first_conv='patch_embed.backbone.stem.0')
 
 def _micro_cfg(**kwargs) -> Dict[str, Any]:
     """The micro models: 28 x 28 greyscale images in 10 classes (Fashion-MNIST), normalised with its statistics."""
-    return _cfg(**{'num_classes': 10, 'input_size': (1, 28, 28), 'interpolation': 'bilinear',
-                   'mean': FASHION_MNIST_MEAN, 'std': FASHION_MNIST_STD, **kwargs})
+    return {**_cfg(), 'num_classes': 10, 'input_size': (1, 28, 28), 'interpolation': 'bilinear',
+            'mean': FASHION_MNIST_MEAN, 'std': FASHION_MNIST_STD, **kwargs}
 
 
 default_cfgs = generate_default_cfgs({
@@ -612,9 +612,11 @@ default_cfgs = generate_default_cfgs({
     'fan_large_16_p4_hybrid.nv_in22k': _hybrid_cfg('fan_hybrid_large_in22k.pth.tar', num_classes=19167),
     'fan_xlarge_16_p4_hybrid': _hybrid_cfg(),
 
-    # micro models for 28 px greyscale images
-    'fan_micro_2_p4_28': _micro_cfg(),
-    'fan_micro_3_p8_hybrid_32': _micro_cfg(input_size=(1, 32, 32), first_conv='patch_embed.backbone.stem.0'),
+    # micro models for 28-32 px greyscale images, with the Fashion-MNIST weights this project trained (in the package)
+    'fan_micro_2_p4_28.fashion_mnist': _micro_cfg(**shipped_weights_cfg('fan_micro_2_p4_28')),
+    'fan_micro_3_p8_hybrid_32.fashion_mnist': _micro_cfg(
+        input_size=(1, 32, 32), first_conv='patch_embed.backbone.stem.0',
+        **shipped_weights_cfg('fan_micro_3_p8_hybrid_32')),
 })
 
 

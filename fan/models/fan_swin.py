@@ -25,7 +25,7 @@ from timm.models.swin_transformer import (
 
 from ..layers import ChannelAttention
 from ..data.fashion_mnist import MEAN as FASHION_MNIST_MEAN, STD as FASHION_MNIST_STD
-from ._checkpoint import check_keys, load_release_file, release_file_loading, unwrap_checkpoint
+from ._checkpoint import check_keys, load_release_file, release_file_loading, shipped_weights_cfg, unwrap_checkpoint
 
 # model_registry will add each entrypoint fn to this
 __all__ = ['FanSwin', 'FanSwinBlock']
@@ -209,9 +209,9 @@ default_cfgs = generate_default_cfgs({
     'fan_swin_small_patch4_window7_224': _cfg(),
     'fan_swin_base_patch4_window7_224': _cfg(),
     'fan_swin_large_patch4_window7_224': _cfg(),
-    'fan_swin_micro_patch4_window4_32': _cfg(
+    'fan_swin_micro_patch4_window4_32.fashion_mnist': _cfg(
         num_classes=10, input_size=(1, 32, 32), pool_size=(4, 4), crop_pct=1.0, interpolation='bilinear',
-        mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD),
+        mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, **shipped_weights_cfg('fan_swin_micro_patch4_window4_32')),
 })
 
 

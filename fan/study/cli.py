@@ -11,7 +11,7 @@ from typing import List
 from tqdm import tqdm
 
 from ..errors import UserError, require_extra
-from ..options import (add_out_option, add_run_options, non_negative_int, positive_int, resolve_device,
+from ..options import (add_data_option, add_out_option, add_run_options, non_negative_int, positive_int, resolve_device,
                        writable_folder)
 from ..data.fashion_mnist import load_fashion_mnist
 from .training import MODELS, Recipe, StudyModel, run_name, train_run
@@ -87,18 +87,19 @@ def add_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         'study', help='a whole study on a real dataset: train, measure, report (fashion-mnist)')
     parser.add_argument('dataset', choices=['fashion-mnist'], help='the study to run')
-    parser.add_argument('--data', default=None, help='folder with the Fashion-MNIST IDX files (default: Debian\'s '
-                        'dataset-fashion-mnist package)')
+    add_data_option(parser, 'folder with the Fashion-MNIST IDX files (default: Debian\'s dataset-fashion-mnist '
+                    'package)', required=False)
     parser.add_argument('--models', nargs='+', default=[spec.key for spec in MODELS], metavar='MODEL',
                         help=f'models to train and compare (default: all of {", ".join(s.key for s in MODELS)})')
-    parser.add_argument('--seeds', nargs='+', type=non_negative_int, default=[0, 1], help='seeds (default: 0 1)')
-    parser.add_argument('--epochs', type=positive_int, default=Recipe.epochs,
+    parser.add_argument('--seeds', nargs='+', type=non_negative_int, default=[0, 1], metavar='SEED',
+                        help='seeds (default: 0 1)')
+    parser.add_argument('--epochs', type=positive_int, default=Recipe.epochs, metavar='N',
                         help='epochs of every run (default: %(default)s)')
-    parser.add_argument('--c-images', type=positive_int, default=500,
+    parser.add_argument('--c-images', type=positive_int, default=500, metavar='N',
                         help='test images in Fashion-MNIST-C, per corruption and severity (default: %(default)s)')
     parser.add_argument('--no-optimize', dest='optimize', action='store_false',
                         help='train the plain models on the CPU too (default: fan.optimize there)')
-    parser.add_argument('--report', type=writable_folder, default=None,
+    parser.add_argument('--report', type=writable_folder, default=None, metavar='DIR',
                         help='also write the report (markdown and plots) here, e.g. docs/fashion_mnist_study')
     add_run_options(parser, batch_size=Recipe.batch_size, workers=False, precision=False, seed=None)
     add_out_option(parser, 'study-fashion-mnist')
