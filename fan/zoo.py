@@ -85,15 +85,18 @@ def _predictions(names: Sequence[str], probs: torch.Tensor, indices: torch.Tenso
                  labels: Optional[Sequence[int]] = None, class_names: Optional[Sequence[str]] = None) -> List[dict]:
     """One dict per image: its top-k classes (``class_names``, else ImageNet's for a 1000-class model, else indices)
     and its true label if known."""
-    if class_names is None and num_classes == 1000:
-        class_names = [ImageNetInfo().index_to_description(c) for c in range(1000)]
-    describe = (lambda c: class_names[c]) if class_names else str
+    if class_names is not None:
+        describe = class_names.__getitem__
+    elif num_classes == 1000:
+        describe = ImageNetInfo().index_to_description
+    else:
+        describe = str
     rows = []
     for i, name in enumerate(names):
         top = [{'class': c, 'label': describe(c), 'probability': p}
                for p, c in zip(probs[i].tolist(), indices[i].tolist())]
         rows.append({'image': name, 'top': top,
-                     'true_label': describe(labels[i]) if labels and class_names else None})
+                     'true_label': describe(labels[i]) if labels and describe is not str else None})
     return rows
 
 

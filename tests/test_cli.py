@@ -138,7 +138,7 @@ def test_imagenet_c_protocols():
     _, config, as_stored = spec.build(torch.device('cpu'))
     assert config['crop_pct'] < 1
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    assert isinstance(as_stored, AsStoredOrResized)
+    assert isinstance(as_stored.transforms[-1], AsStoredOrResized)  # (after the conversion to the model's mode)
     assert torch.equal(as_stored(image), torch.from_numpy(np.array(image)).permute(2, 0, 1))
     _, _, resize_crop = ModelSpec('resnet18', img_size=32).build(torch.device('cpu'))
     assert resize_crop(image).shape == (3, 32, 32) and not torch.equal(resize_crop(image), as_stored(image))
