@@ -17,7 +17,7 @@ from ..data.fashion_mnist import FashionMnist
 from ..io import save_torch, write_json
 from ..robustness.corrupt import make_imagenet_c
 from ..robustness.metrics import SEVERITIES, STANDARD_CORRUPTIONS, summarize_corruption_errors
-from .training import Recipe, StudyModel, build_model, predict, prepare_batch, run_name
+from .training import Recipe, StudyModel, build_model, class_subset, predict, prepare_batch, run_name
 
 __all__ = ['load_run', 'fashion_mnist_c', 'corruption_errors', 'digits_ood_images', 'ood_scores',
            'evaluate_study', 'OOD_SHAPINGS', 'C_SEED']
@@ -150,6 +150,15 @@ def spectrum_summary(model: nn.Module, spec: StudyModel, images: torch.Tensor) -
              'clusters': float(s.num_clusters.float().mean())} for index, s in enumerate(spectra)]
 
 
+def trained_and_untrained_spectra(model: nn.Module, spec: StudyModel, seed: int, data: FashionMnist,
+                                  device: torch.device) -> Dict[str, List[Dict[str, float]]]:
+    """The spectra of the trained model and of the same model at its random initialisation (``seed``)."""
+    images = data.test_images[:SPECTRUM_IMAGES]
+    torch.manual_seed(seed)
+    untrained = build_model(spec).to(device).eval()
+    return {'trained': spectrum_summary(model, spec, images), 'untrained': spectrum_summary(untrained, spec, images)}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # LP-FT: from the first half of the classes to the second
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,13 +171,12 @@ def transfer_runs(model: nn.Module, spec: StudyModel, data: FashionMnist, c_set:
     from torch.utils.data import TensorDataset
 
     from ..finetune import MODES, TransferData, run_transfer
-    from .training import _subset
 
-    images, labels = _subset(data.train_images, data.train_labels, tuple(classes))
+    images, labels = class_subset(data.train_images, data.train_labels, tuple(classes))
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(C_SEED))[:train_images]
-    test_images, test_labels = _subset(data.test_images, data.test_labels, tuple(classes))
+    test_images, test_labels = class_subset(data.test_images, data.test_labels, tuple(classes))
     ood = torch.cat([cells[SEVERITIES.index(3)] for cells in c_set['cells'].values()])
-    ood_images, ood_labels = _subset(ood, c_set['labels'].repeat(len(c_set['cells'])), tuple(classes))
+    ood_images, ood_labels = class_subset(ood, c_set['labels'].repeat(len(c_set['cells'])), tuple(classes))
 
     def dataset(x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
         return TensorDataset(prepare_batch(x, spec.img_size), y)
@@ -222,12 +230,8 @@ def evaluate_study(out: Path, specs: Sequence[StudyModel], seeds: Sequence[int],
                 model, spec, data.test_images[:OOD_ID_IMAGES], ood_images)),
         }
         if seed == seeds[0]:
-            images = data.test_images[:SPECTRUM_IMAGES]
-            torch.manual_seed(seed)
-            untrained = build_model(spec).to(device).eval()
-            runs[run_name(spec, seed)]['spectrum'] = _cached(run_dir / 'spectrum.json', lambda: {
-                'trained': spectrum_summary(model, spec, images),
-                'untrained': spectrum_summary(untrained, spec, images)})
+            runs[run_name(spec, seed)]['spectrum'] = _cached(
+                run_dir / 'spectrum.json', lambda: trained_and_untrained_spectra(model, spec, seed, data, device))
 
     transfers = {}
     for spec, seed, classes in transfer:

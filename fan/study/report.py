@@ -29,10 +29,10 @@ def _f(value: Optional[float], digits: int = 1) -> str:
 
 
 def _ranking(models: Dict[str, Dict[str, Any]], value, higher_is_better: bool) -> str:
+    """Families from best to worst by ``value(model)`` (models without a value left out)."""
     ranked = sorted(((value(m), key) for key, m in models.items() if value(m) is not None),
                     reverse=higher_is_better)
-    return ' > '.join(f'{models[key]["family"]}' for _, key in ranked) if higher_is_better else \
-        ' < '.join(f'{models[key]["family"]}' for _, key in ranked)
+    return (' > ' if higher_is_better else ' < ').join(models[key]['family'] for _, key in ranked)
 
 
 def markdown_report(results: Dict[str, Any], command: str, machine: Dict[str, Any],

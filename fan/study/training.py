@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..io import save_torch, write_json
 
 __all__ = ['StudyModel', 'Recipe', 'MODELS', 'build_model', 'prepare_batch',
-           'train_run', 'predict', 'evaluate_accuracy', 'run_name', 'CHECKPOINT_SECONDS']
+           'train_run', 'class_subset', 'predict', 'evaluate_accuracy', 'run_name', 'CHECKPOINT_SECONDS']
 
 CHECKPOINT_SECONDS = 60.  # at most this much training is lost to an interruption
 
@@ -144,8 +144,8 @@ def train_run(spec: StudyModel, seed: int, recipe: Recipe, data: FashionMnist, r
         return json.loads(history_path.read_text())
     images, labels, test_images, test_labels = data.train_images, data.train_labels, data.test_images, data.test_labels
     if classes is not None:
-        images, labels = _subset(images, labels, classes)
-        test_images, test_labels = _subset(test_images, test_labels, classes)
+        images, labels = class_subset(images, labels, classes)
+        test_images, test_labels = class_subset(test_images, test_labels, classes)
     torch.manual_seed(seed)
     model = build_model(spec, drop_path_rate=0., num_classes=len(classes) if classes else 10).to(device)
     if fast and device.type == 'cpu':
@@ -212,7 +212,8 @@ def train_run(spec: StudyModel, seed: int, recipe: Recipe, data: FashionMnist, r
     return history
 
 
-def _subset(images: torch.Tensor, labels: torch.Tensor, classes: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+def class_subset(images: torch.Tensor, labels: torch.Tensor, classes: Tuple[int, ...]
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The images of ``classes``, relabelled 0..k-1 in that order."""
     keep = torch.isin(labels, torch.tensor(classes))
     mapping = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long)
