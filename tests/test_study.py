@@ -150,3 +150,23 @@ def test_study_refuses_bad_models(ten_class_folder, tmp_path, capsys):
     assert "unknown study model(s) ['resnet']" in capsys.readouterr().err
     assert main(base + ['fan_vit']) == 2
     assert "--models needs 'convnet'" in capsys.readouterr().err
+    assert main(base + ['vit', 'convnet', '--weights-only']) == 2
+    assert '--weights-only trains FAN models only, and --models names none' in capsys.readouterr().err
+
+
+def test_weights_only_trains_and_exports_the_fan_models(ten_class_folder, tmp_path, capsys):
+    """--weights-only: the FAN models among --models are trained and exported (float16 safetensors and their
+    record), the baselines and the measurements are skipped."""
+    out = tmp_path / 'release'
+    assert main(['study', 'fashion-mnist', '--data', str(ten_class_folder), '--models', 'fan_vit', 'vit',
+                 '--seeds', '1', '--epochs', '2', '--weights-only', '--out', str(out)]) == 0
+    assert sorted(p.name for p in (out / 'runs').iterdir()) == ['fan_vit-seed1']
+    assert not (out / 'results.json').exists()
+    record = json.loads((out / 'weights' / 'fan_micro_2_p4_28.fashion_mnist.json').read_text())
+    history = json.loads((out / 'runs' / 'fan_vit-seed1' / 'history.json').read_text())
+    assert record['command'] == ('fan study fashion-mnist --epochs 2 --seeds 1 -b 128 --models fan_vit vit '
+                                 '--weights-only')
+    assert record['epoch_top1'] == [round(epoch['test_top1'], 4) for epoch in history['epochs']] and record['seed'] == 1
+    assert record['train_minutes'] == round(history['epochs'][-1]['train_seconds'] / 60, 1)
+    assert abs(record['test_top1'] - history['epochs'][-1]['test_top1']) <= 0.02  # float16 against float32
+    assert 'fan_micro_2_p4_28.fashion_mnist: test top-1' in capsys.readouterr().out

@@ -134,9 +134,11 @@ def markdown_report(results: Dict[str, Any], command: str, machine: Dict[str, An
                              for mode in ('lp', 'ft', 'lpft')])
                           for key, modes in results['transfer'].items()]), '']
     if results.get('weights'):
-        lines += ['## Shipped weights', '',
-                  'The best seed of each FAN model, as float16 safetensors (the `fashion_mnist` pretrained tag): test '
-                  'top-1 of those weights through `fan eval --dataset torch/fashion_mnist` (timm\'s data config).', '',
+        lines += ['## Exported weights', '',
+                  'The best seed of each FAN model, as float16 safetensors for the `fashion_mnist` pretrained tag '
+                  '(`OUT/weights`): test top-1 of those weights through `fan eval --dataset torch/fashion_mnist` '
+                  '(timm\'s data config). The weights that ship in the package may come from longer runs of the same '
+                  'recipe (`--weights-only`); their model cards record how they were trained.', '',
                   _table(('weights', 'seed', 'test top-1', 'file'),
                          [(f'`{r["model"]}`', r['seed'], f'{r["test_top1"]:.4f}', r['file'])
                           for r in results['weights']]), '']

@@ -22,7 +22,8 @@ __all__ = ['export_best_weights']
 def export_best_weights(out: Path, specs: Sequence[StudyModel], seeds: Sequence[int], recipe: Recipe,
                         command: str, data: Optional[str] = None) -> List[Dict[str, Any]]:
     """For each FAN model, its best seed's final weights as ``OUT/weights/<arch>.fashion_mnist.safetensors``
-    (float16) and ``.json`` (seed, recipe, command, and the test top-1 of those float16 weights)."""
+    (float16) and ``.json`` (seed, recipe, command, training minutes, the test top-1 after each epoch, and the test
+    top-1 of those float16 weights)."""
     from safetensors.torch import save_file
 
     from ..robustness.driver import FASHION_MNIST, run_classification
@@ -48,7 +49,9 @@ def export_best_weights(out: Path, specs: Sequence[StudyModel], seeds: Sequence[
             'test_top1': round(measured['top1'] / 100, 4), 'test_images': measured['images'],
             'measured_with': f'fan eval --dataset {FASHION_MNIST} --model {spec.arch}.{TAG} --pretrained',
             'seed': best, 'seeds': list(seeds),
-            'seed_top1': {str(s): histories[s]['epochs'][-1]['test_top1'] for s in seeds},
+            'seed_top1': {str(s): round(histories[s]['epochs'][-1]['test_top1'], 4) for s in seeds},
+            'epoch_top1': [round(epoch['test_top1'], 4) for epoch in histories[best]['epochs']],  # float32 weights
+            'train_minutes': round(histories[best]['epochs'][-1]['train_seconds'] / 60, 1),
             'recipe': recipe.__dict__, 'command': command,
         }
         write_json(path.with_suffix('.json'), record)
