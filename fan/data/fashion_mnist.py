@@ -16,12 +16,14 @@ from PIL import Image
 
 from ..errors import MissingPathError
 
-__all__ = ['DEBIAN_DIR', 'IDX_FILES', 'MEAN', 'STD', 'CLASSES', 'SAMPLE_DIR', 'FashionMnist', 'fashion_mnist_root',
+__all__ = ['DEBIAN_DIR', 'IDX_FILES', 'MEAN', 'STD', 'DATA_CONFIG', 'CLASSES', 'SAMPLE_DIR', 'FashionMnist', 'fashion_mnist_root',
            'load_fashion_mnist', 'bundled_samples']
 
 DEBIAN_DIR = Path('/usr/share/datasets/fashion-mnist')  # apt-get install dataset-fashion-mnist
 IDX_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 MEAN, STD = (0.2860,), (0.3530,)  # of the 60,000 training images' pixels in [0, 1]
+# the data config of a model for Fashion-MNIST (timm's pretrained-cfg fields): 28 px images are resized, not cropped
+DATA_CONFIG = {'num_classes': 10, 'mean': MEAN, 'std': STD, 'interpolation': 'bilinear', 'crop_pct': 1.0}
 CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 # the first test image of each class (MIT licence, like the dataset), for when the dataset is not installed
 SAMPLE_DIR = Path(__file__).resolve().parent / 'fashion_mnist_samples'

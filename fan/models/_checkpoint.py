@@ -67,15 +67,19 @@ PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / 'weights'  # weights tra
 FASHION_MNIST_TAG = 'fashion_mnist'
 
 
+def _package_file(arch: str, tag: str) -> Path:
+    return PACKAGE_WEIGHTS / f'{arch}.{tag}.safetensors'
+
+
 def packaged_weights(arch: str, tag: str = FASHION_MNIST_TAG) -> Optional[Path]:
     """The weights file of ``arch.tag`` that ships in the package (``fan/weights/``), or None."""
-    path = PACKAGE_WEIGHTS / f'{arch}.{tag}.safetensors'
+    path = _package_file(arch, tag)
     return path if path.is_file() else None
 
 
 def shipped_weights_cfg(arch: str, tag: str = FASHION_MNIST_TAG) -> Dict[str, Any]:
     """The pretrained-cfg fields of weights that ship in the package: the file, and the project's licence."""
-    return {'file': str(PACKAGE_WEIGHTS / f'{arch}.{tag}.safetensors'), 'license': 'apache-2.0'}
+    return {'file': str(_package_file(arch, tag)), 'license': 'apache-2.0'}
 
 
 def packaged_weights_record(path: Path) -> Dict[str, Any]:

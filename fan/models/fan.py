@@ -26,7 +26,7 @@ from timm.models.xcit import conv3x3 as xcit_conv3x3
 from timm.models.xcit import checkpoint_filter_fn as xcit_checkpoint_filter_fn
 
 from ..layers import ChannelAttention, FanBlock, OverlapPatchEmbed, SeMlp, map_to_tokens, tokens_to_map
-from ..data.fashion_mnist import MEAN as FASHION_MNIST_MEAN, STD as FASHION_MNIST_STD
+from ..data.fashion_mnist import DATA_CONFIG as FASHION_MNIST_CONFIG
 from ._checkpoint import check_keys, load_release_file, release_file_loading, shipped_weights_cfg, unwrap_checkpoint
 
 __all__ = ['Fan', 'HybridEmbed', 'LegacyLayerNorm2d']  # model_registry will add each entrypoint fn to this
@@ -586,8 +586,7 @@ _hybrid_cfg = partial(_cfg, first_conv='patch_embed.backbone.stem.0')
 
 def _micro_cfg(**kwargs) -> Dict[str, Any]:
     """The micro models: 28 x 28 greyscale images in 10 classes (Fashion-MNIST), normalised with its statistics."""
-    return {**_cfg(), 'num_classes': 10, 'input_size': (1, 28, 28), 'interpolation': 'bilinear',
-            'mean': FASHION_MNIST_MEAN, 'std': FASHION_MNIST_STD, **kwargs}
+    return {**_cfg(), **FASHION_MNIST_CONFIG, 'input_size': (1, 28, 28), **kwargs}
 
 
 default_cfgs = generate_default_cfgs({

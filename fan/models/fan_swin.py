@@ -24,7 +24,7 @@ from timm.models.swin_transformer import (
 )
 
 from ..layers import ChannelAttention
-from ..data.fashion_mnist import MEAN as FASHION_MNIST_MEAN, STD as FASHION_MNIST_STD
+from ..data.fashion_mnist import DATA_CONFIG as FASHION_MNIST_CONFIG
 from ._checkpoint import check_keys, load_release_file, release_file_loading, shipped_weights_cfg, unwrap_checkpoint
 
 # model_registry will add each entrypoint fn to this
@@ -210,8 +210,8 @@ default_cfgs = generate_default_cfgs({
     'fan_swin_base_patch4_window7_224': _cfg(),
     'fan_swin_large_patch4_window7_224': _cfg(),
     'fan_swin_micro_patch4_window4_32.fashion_mnist': _cfg(
-        num_classes=10, input_size=(1, 32, 32), pool_size=(4, 4), crop_pct=1.0, interpolation='bilinear',
-        mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, **shipped_weights_cfg('fan_swin_micro_patch4_window4_32')),
+        **FASHION_MNIST_CONFIG, input_size=(1, 32, 32), pool_size=(4, 4),
+        **shipped_weights_cfg('fan_swin_micro_patch4_window4_32')),
 })
 
 

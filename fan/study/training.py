@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from ..data.fashion_mnist import MEAN, STD, FashionMnist
+from ..data.fashion_mnist import DATA_CONFIG, MEAN, STD, FashionMnist
 from ..errors import UserError
 from ..io import save_torch, write_json
 
@@ -79,8 +79,7 @@ def run_name(spec: StudyModel, seed: int, classes: Optional[Sequence[int]] = Non
 
 def build_model(spec: StudyModel, **kwargs: Any) -> nn.Module:
     """The model of ``spec`` with random weights; its data config is Fashion-MNIST's (input size, mean, std)."""
-    overlay = dict(num_classes=10, input_size=(1, spec.img_size, spec.img_size), mean=MEAN, std=STD,
-                   interpolation='bilinear', crop_pct=1.0)
+    overlay = dict(DATA_CONFIG, input_size=(1, spec.img_size, spec.img_size))
     return timm.create_model(spec.arch, pretrained_cfg_overlay=overlay, **{**spec.kwargs, **kwargs})
 
 
