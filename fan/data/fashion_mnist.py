@@ -16,8 +16,8 @@ from PIL import Image
 
 from ..errors import MissingPathError
 
-__all__ = ['DEBIAN_DIR', 'IDX_FILES', 'MEAN', 'STD', 'DATA_CONFIG', 'CLASSES', 'SAMPLE_DIR', 'FashionMnist', 'fashion_mnist_root',
-           'load_fashion_mnist', 'bundled_samples']
+__all__ = ['DEBIAN_DIR', 'IDX_FILES', 'MEAN', 'STD', 'DATA_CONFIG', 'CLASSES', 'SAMPLE_DIR', 'FashionMnist',
+           'fashion_mnist_root', 'load_fashion_mnist', 'bundled_samples']
 
 DEBIAN_DIR = Path('/usr/share/datasets/fashion-mnist')  # apt-get install dataset-fashion-mnist
 IDX_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
